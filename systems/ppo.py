@@ -1,0 +1,383 @@
+"""The PPO family's shared pieces, top to bottom: rollout -> GAE -> losses -> epochs of minibatches.
+
+Shapes (per device, per seed): T rollout steps, E envs on this device, A agents.
+Trajectories keep the agent axis: ``(T, E, A, ...)``; minibatches shuffle ``(T*E)`` but never agents.
+Gradients are averaged over the ``device`` mesh axis, so all devices keep identical parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import Array
+
+from envs.types import EnvSpec, Observation, TimeStep
+from envs.vector import AutoResetVecEnv, VecState
+from networks import ActorCritic, make_actor_critic, make_distribution
+from utils.config import positive, require
+
+DEVICE_AXIS = "device"
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """``system.*`` keys shared by every PPO-family system (defaults: Mava's ff_mappo)."""
+
+    name: str = "mappo"
+    centralised_critic: bool = True
+    rollout_length: int = 128
+    ppo_epochs: int = 4
+    num_minibatches: int = 2
+    actor_lr: float = 2.5e-4
+    critic_lr: float = 2.5e-4
+    decay_learning_rates: bool = False
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    normalise_advantages: bool = True
+
+    def check(self, prefix: str) -> None:
+        for key in ("rollout_length", "ppo_epochs", "num_minibatches"):
+            require(getattr(self, key) >= 1, f"{prefix}.{key}", getattr(self, key), "must be >= 1")
+        for key in ("actor_lr", "critic_lr", "clip_eps", "max_grad_norm"):
+            positive(f"{prefix}.{key}", getattr(self, key))
+        for key in ("gamma", "gae_lambda"):
+            value = getattr(self, key)
+            require(0.0 <= value <= 1.0, f"{prefix}.{key}", value, "must be in [0, 1]")
+
+
+# ----------------------------------------------------------------------------------------------
+# State containers
+# ----------------------------------------------------------------------------------------------
+class Params(NamedTuple):
+    actor: Any
+    critic: Any
+
+
+class OptStates(NamedTuple):
+    actor: Any
+    critic: Any
+
+
+class LearnerState(NamedTuple):
+    """Everything one seed's learner carries between updates (per device: its E envs)."""
+
+    params: Params
+    opt_states: OptStates
+    key: Array  # identical on every device; per-device streams fold in the device index
+    env_state: VecState  # (E, ...)
+    timestep: TimeStep  # (E, A, ...) the observation the next action is taken from
+    update_count: Array  # () int32
+
+
+class Transition(NamedTuple):
+    obs: Observation  # (T, E, A, ...) observation the action was taken from
+    action: Array  # (T, E, A) int32 or (T, E, A, d) float32
+    log_prob: Array  # (T, E, A) behaviour log-probability
+    value: Array  # (T, E, A) V(obs)
+    next_value: Array  # (T, E, A) V(real next obs): the bootstrap, also at time-limit ends
+    reward: Array  # (T, E, A)
+    discount: Array  # (T, E, A) 0 where the episode terminated
+    done: Array  # (T, E) the episode ended here (terminated or truncated)
+
+
+class EpisodeStats(NamedTuple):
+    """Sums over the episodes that ended during a rollout (divide by ``count`` for means)."""
+
+    return_sum: Array
+    length_sum: Array
+    won_sum: Array
+    count: Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout
+# ----------------------------------------------------------------------------------------------
+def rollout(
+    nets: ActorCritic,
+    spec: EnvSpec,
+    vec_env: AutoResetVecEnv,
+    params: Params,
+    env_state: VecState,
+    timestep: TimeStep,
+    key: Array,
+    length: int,
+) -> tuple[VecState, TimeStep, Transition, EpisodeStats]:
+    """Acts ``length`` steps in every env with the current policy. Returns (T, E, A, ...) data."""
+
+    def env_step(carry: tuple[VecState, TimeStep], step_key: Array) -> tuple[Any, Any]:
+        env_state, timestep = carry
+        act_key, reset_key = jax.random.split(step_key)
+        obs = timestep.observation
+        pi = make_distribution(spec, nets.actor(params.actor, obs))
+        action = pi.sample(seed=act_key)
+        value = nets.critic(params.critic, obs)
+        env_state, next_timestep, info = vec_env.step(env_state, action, reset_key)
+        next_value = nets.critic(params.critic, info.real_next_obs)
+        transition = Transition(
+            obs=obs,
+            action=action,
+            log_prob=pi.log_prob(action),
+            value=value,
+            next_value=next_value,
+            reward=next_timestep.reward,
+            discount=next_timestep.discount,
+            done=next_timestep.last(),
+        )
+        stats = EpisodeStats(
+            return_sum=info.episode_return.sum(),
+            length_sum=info.episode_length.sum().astype(jnp.float32),
+            won_sum=info.won_episode.sum().astype(jnp.float32),
+            count=info.is_terminal_step.sum().astype(jnp.float32),
+        )
+        return (env_state, next_timestep), (transition, stats)
+
+    (env_state, timestep), (traj, stats) = jax.lax.scan(
+        env_step, (env_state, timestep), jax.random.split(key, length)
+    )
+    return env_state, timestep, traj, jax.tree.map(jnp.sum, stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages
+# ----------------------------------------------------------------------------------------------
+def gae(
+    reward: Array,
+    value: Array,
+    next_value: Array,
+    discount: Array,
+    done: Array,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[Array, Array]:
+    """Generalised advantage estimation over time (axis 0); returns (advantages, value targets).
+
+    δ_t = r_t + γ d_t V(s'_t) − V(s_t), where s'_t is the real next state and d_t = 0 only at a true
+    termination (time-limit ends bootstrap). A_t = δ_t + γ λ (1 − done_t) A_{t+1}: the trace is cut
+    at every episode end. ``done`` may lack trailing axes of ``reward``; it is broadcast.
+    """
+    done = done.reshape(done.shape + (1,) * (reward.ndim - done.ndim)).astype(reward.dtype)
+    delta = reward + gamma * discount * next_value - value
+    trace = gamma * gae_lambda * (1.0 - done)
+
+    def backward(next_adv: Array, inputs: tuple[Array, Array]) -> tuple[Array, Array]:
+        delta_t, trace_t = inputs
+        adv = delta_t + trace_t * next_adv
+        return adv, adv
+
+    _, advantages = jax.lax.scan(
+        backward, jnp.zeros_like(delta[0]), (delta, trace), reverse=True, unroll=16
+    )
+    return advantages, advantages + value
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (pure; arrays of any matching shape)
+# ----------------------------------------------------------------------------------------------
+def ppo_clip_loss(log_prob: Array, old_log_prob: Array, advantage: Array, clip_eps: float) -> Array:
+    """−E[min(r A, clip(r, 1−ε, 1+ε) A)] with r = exp(log π − log π_old)."""
+    ratio = jnp.exp(log_prob - old_log_prob)
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return -jnp.mean(jnp.minimum(ratio * advantage, clipped * advantage))
+
+
+def clipped_value_loss(value: Array, old_value: Array, target: Array, clip_eps: float) -> Array:
+    """½ E[max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²)] (Mava's value clipping)."""
+    value_clipped = old_value + jnp.clip(value - old_value, -clip_eps, clip_eps)
+    return 0.5 * jnp.mean(jnp.maximum(jnp.square(value - target), jnp.square(value_clipped - target)))
+
+
+def normalise(x: Array, eps: float = 1e-8) -> Array:
+    return (x - x.mean()) / (x.std() + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisers
+# ----------------------------------------------------------------------------------------------
+def make_optimiser(lr: float, max_grad_norm: float, decay_steps: int | None) -> optax.GradientTransformation:
+    """Adam (eps 1e-5) after global-norm clipping; optional linear decay to 0 over ``decay_steps``."""
+    schedule = optax.linear_schedule(lr, 0.0, decay_steps) if decay_steps else lr
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(schedule, eps=1e-5))
+
+
+# ----------------------------------------------------------------------------------------------
+# The PPO update (all agents at once): IPPO and MAPPO
+# ----------------------------------------------------------------------------------------------
+class Batch(NamedTuple):
+    """One minibatch: (N, A, ...) where N shuffles (time, env) pairs."""
+
+    obs: Observation
+    action: Array
+    log_prob: Array
+    value: Array
+    advantage: Array
+    target: Array
+
+
+class TrainMetrics(NamedTuple):
+    actor_loss: Array
+    value_loss: Array
+    entropy: Array
+    approx_kl: Array
+    clip_fraction: Array
+
+
+def minibatches(batch: Batch, key: Array, num_minibatches: int) -> Batch:
+    """(T, E, A, ...) -> shuffled (M, T*E/M, A, ...). The agent axis is never shuffled."""
+    leading = batch.action.shape[0] * batch.action.shape[1]
+    perm = jax.random.permutation(key, leading)
+
+    def split(x: Array) -> Array:
+        x = x.reshape((leading,) + x.shape[2:])[perm]
+        return x.reshape((num_minibatches, leading // num_minibatches) + x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def actor_loss(
+    nets: ActorCritic, spec: EnvSpec, params: Any, batch: Batch, clip_eps: float, ent_coef: float
+) -> tuple[Array, TrainMetrics]:
+    pi = make_distribution(spec, nets.actor(params, batch.obs))
+    log_prob = pi.log_prob(batch.action)
+    loss = ppo_clip_loss(log_prob, batch.log_prob, batch.advantage, clip_eps)
+    entropy = pi.entropy().mean()
+    log_ratio = log_prob - batch.log_prob
+    metrics = TrainMetrics(
+        actor_loss=loss,
+        value_loss=jnp.zeros(()),
+        entropy=entropy,
+        approx_kl=jnp.mean(jnp.exp(log_ratio) - 1.0 - log_ratio),
+        clip_fraction=jnp.mean(jnp.abs(jnp.exp(log_ratio) - 1.0) > clip_eps),
+    )
+    return loss - ent_coef * entropy, metrics
+
+
+def critic_loss(nets: ActorCritic, params: Any, batch: Batch, clip_eps: float, vf_coef: float) -> Array:
+    value = nets.critic(params, batch.obs)
+    return vf_coef * clipped_value_loss(value, batch.value, batch.target, clip_eps)
+
+
+def make_ppo_update(
+    nets: ActorCritic,
+    spec: EnvSpec,
+    vec_env: AutoResetVecEnv,
+    actor_opt: optax.GradientTransformation,
+    critic_opt: optax.GradientTransformation,
+    cfg: PPOConfig,
+) -> Callable[[LearnerState], tuple[LearnerState, dict[str, Array]]]:
+    """One PPO iteration for one seed on one device: rollout, GAE, ``ppo_epochs`` x minibatches."""
+
+    def minibatch_step(carry: tuple[Params, OptStates], batch: Batch) -> tuple[Any, TrainMetrics]:
+        params, opt_states = carry
+        if cfg.normalise_advantages:
+            batch = batch._replace(advantage=normalise(batch.advantage))
+        actor_grads, metrics = jax.grad(actor_loss, argnums=2, has_aux=True)(
+            nets, spec, params.actor, batch, cfg.clip_eps, cfg.ent_coef
+        )
+        value_loss, critic_grads = jax.value_and_grad(critic_loss, argnums=1)(
+            nets, params.critic, batch, cfg.clip_eps, cfg.vf_coef
+        )
+        actor_grads, critic_grads, metrics, value_loss = jax.lax.pmean(
+            (actor_grads, critic_grads, metrics, value_loss), DEVICE_AXIS
+        )
+        actor_updates, actor_state = actor_opt.update(actor_grads, opt_states.actor, params.actor)
+        critic_updates, critic_state = critic_opt.update(critic_grads, opt_states.critic, params.critic)
+        params = Params(
+            optax.apply_updates(params.actor, actor_updates),
+            optax.apply_updates(params.critic, critic_updates),
+        )
+        return (params, OptStates(actor_state, critic_state)), metrics._replace(value_loss=value_loss)
+
+    def epoch(carry: tuple[Params, OptStates], args: tuple[Array, Batch]) -> tuple[Any, TrainMetrics]:
+        key, batch = args[0], args[1]
+        return jax.lax.scan(minibatch_step, carry, minibatches(batch, key, cfg.num_minibatches))
+
+    def update_step(state: LearnerState) -> tuple[LearnerState, dict[str, Array]]:
+        key, rollout_key, epoch_key = jax.random.split(state.key, 3)
+        device = jax.lax.axis_index(DEVICE_AXIS)
+        rollout_key, epoch_key = jax.random.fold_in(rollout_key, device), jax.random.fold_in(epoch_key, device)
+
+        env_state, timestep, traj, episodes = rollout(
+            nets, spec, vec_env, state.params, state.env_state, state.timestep, rollout_key, cfg.rollout_length
+        )
+        advantages, targets = gae(
+            traj.reward, traj.value, traj.next_value, traj.discount, traj.done, cfg.gamma, cfg.gae_lambda
+        )
+        batch = Batch(traj.obs, traj.action, traj.log_prob, traj.value, advantages, targets)
+        epoch_keys = jax.random.split(epoch_key, cfg.ppo_epochs)
+        (params, opt_states), metrics = jax.lax.scan(
+            lambda carry, k: epoch(carry, (k, batch)), (state.params, state.opt_states), epoch_keys
+        )
+        episodes = jax.lax.psum(episodes, DEVICE_AXIS)
+        new_state = LearnerState(params, opt_states, key, env_state, timestep, state.update_count + 1)
+        return new_state, {**jax.tree.map(jnp.mean, metrics._asdict()), **episodes._asdict()}
+
+    return update_step
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembling a PPO-family system for the anakin driver
+# ----------------------------------------------------------------------------------------------
+def make_networks(settings: Any, spec: EnvSpec) -> ActorCritic:
+    net = settings.network
+    return make_actor_critic(
+        spec,
+        actor_layers=net.actor_layers,
+        critic_layers=net.critic_layers,
+        activation=net.activation,
+        use_layer_norm=net.use_layer_norm,
+        parameter_sharing=net.parameter_sharing,
+        add_agent_id=net.add_agent_id,
+        centralised_critic=settings.system.centralised_critic,
+    )
+
+
+def make_optimisers(settings: Any) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    cfg = settings.system
+    decay = settings.num_updates * cfg.ppo_epochs * cfg.num_minibatches if cfg.decay_learning_rates else None
+    return make_optimiser(cfg.actor_lr, cfg.max_grad_norm, decay), make_optimiser(cfg.critic_lr, cfg.max_grad_norm, decay)
+
+
+def make_act_fn(nets: ActorCritic, spec: EnvSpec) -> Callable:
+    """Feed-forward evaluation policy: sample, or the mode when ``greedy``."""
+
+    def act(actor_params: Any, timestep: TimeStep, key: Array, actor_state: None, greedy: bool) -> tuple[Array, None]:
+        pi = make_distribution(spec, nets.actor(actor_params, timestep.observation))
+        return (pi.mode() if greedy else pi.sample(seed=key)), actor_state
+
+    return act
+
+
+def init_learner_state(
+    nets: ActorCritic, actor_opt: optax.GradientTransformation, critic_opt: optax.GradientTransformation,
+    key: Array, env_state: VecState, timestep: TimeStep,
+) -> LearnerState:
+    key, actor_key, critic_key = jax.random.split(key, 3)
+    params = Params(nets.init_actor(actor_key), nets.init_critic(critic_key))
+    opt_states = OptStates(actor_opt.init(params.actor), critic_opt.init(params.critic))
+    return LearnerState(params, opt_states, key, env_state, timestep, jnp.zeros((), jnp.int32))
+
+
+def make_ppo_system(settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv) -> Any:
+    """IPPO (local critic) or MAPPO (``system.centralised_critic``): all agents updated at once."""
+    from systems.anakin import System
+
+    nets = make_networks(settings, spec)
+    actor_opt, critic_opt = make_optimisers(settings)
+    return System(
+        init=lambda key, env_state, timestep: init_learner_state(nets, actor_opt, critic_opt, key, env_state, timestep),
+        update_step=make_ppo_update(nets, spec, vec_env, actor_opt, critic_opt, settings.system),
+        act=make_act_fn(nets, spec),
+        init_actor_state=lambda num_envs: None,
+        eval_params=lambda state: state.params.actor,
+    )

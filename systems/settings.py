@@ -1,0 +1,161 @@
+"""Run settings shared by every system: ``arch``, ``env``, ``network`` and ``logger`` sections.
+
+``load_settings(cfg, SystemConfig)`` validates the whole Hydra config and derives the numbers the
+driver needs (updates, chunk sizes, per-device envs) once, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import envs
+from utils.config import ConfigError, fail, one_of, positive, require, section, to_container
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+    seed: int = 42
+    num_seeds: int = 1  # independent runs trained in one program (a vmapped axis)
+    num_envs: int = 32  # training envs per seed, over all devices
+    total_timesteps: int = 2_000_000  # joint env steps per seed
+    num_evaluation: int = 20  # evaluations during training (one compiled chunk between each)
+    num_eval_episodes: int = 32
+    num_absolute_metric_eval_episodes: int = 320
+    absolute_metric: bool = True
+    evaluation_greedy: bool = False
+    num_devices: Optional[int] = None  # None: every device jax sees
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    num_resets: Optional[int] = None  # fresh starts computed per step; None: num_envs/16 per device
+
+    def check(self, prefix: str) -> None:
+        for key in ("num_seeds", "num_envs", "total_timesteps", "num_evaluation", "num_eval_episodes"):
+            positive(f"{prefix}.{key}", getattr(self, key))
+        positive(f"{prefix}.num_absolute_metric_eval_episodes", self.num_absolute_metric_eval_episodes)
+        if self.num_devices is not None:
+            positive(f"{prefix}.num_devices", self.num_devices)
+        if self.num_resets is not None:
+            positive(f"{prefix}.num_resets", self.num_resets)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    name: str = "lbf"
+    task: str = "8x8-2p-2f-coop"
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def check(self, prefix: str) -> None:
+        one_of(f"{prefix}.name", self.name, sorted(envs.FAMILIES))
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+    kind: str = "ff"
+    actor_layers: tuple[int, ...] = (128, 128)
+    critic_layers: tuple[int, ...] = (128, 128)
+    activation: str = "relu"
+    use_layer_norm: bool = False
+    parameter_sharing: str = "shared"
+    add_agent_id: bool = True
+
+    def check(self, prefix: str) -> None:
+        one_of(f"{prefix}.kind", self.kind, ["ff"])
+        one_of(f"{prefix}.activation", self.activation, ["relu", "tanh", "gelu"])
+        one_of(f"{prefix}.parameter_sharing", self.parameter_sharing, ["shared", "separate"])
+        for key in ("actor_layers", "critic_layers"):
+            sizes = getattr(self, key)
+            require(len(sizes) > 0 and all(s > 0 for s in sizes), f"{prefix}.{key}", list(sizes),
+                    "must be a non-empty list of positive layer widths")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggerConfig:
+    base_dir: str = "results"  # run folders go under here
+    json_path: Optional[str] = None  # marl-eval JSON (appended); None: <run dir>/metrics.json
+    plot: bool = True
+    progress: bool = True  # live progress bar on a terminal
+
+    def check(self, prefix: str) -> None:
+        require(bool(self.base_dir), f"{prefix}.base_dir", self.base_dir, "must be a folder path")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated, frozen settings for one run plus the numbers derived from them."""
+
+    arch: ArchConfig
+    env: EnvConfig
+    network: NetworkConfig
+    system: Any  # the system's own frozen config (PPOConfig or a subclass)
+    logger: LoggerConfig
+    num_devices: int
+    envs_per_device: int
+    num_updates: int  # per seed
+    num_updates_per_eval: int
+    steps_per_update: int  # joint env steps per update per seed: rollout_length * num_envs
+
+    @property
+    def steps_per_chunk(self) -> int:
+        return self.steps_per_update * self.num_updates_per_eval
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_chunk * self.arch.num_evaluation
+
+
+SECTIONS = ("arch", "env", "network", "system", "logger")
+
+
+def load_settings(cfg: Any, system_cls: type, available_devices: Optional[int] = None) -> Settings:
+    """Validates ``cfg`` (Hydra/OmegaConf or a plain dict) and derives the run's sizes."""
+    raw = to_container(cfg)
+    unknown = sorted(set(raw) - set(SECTIONS) - {"hydra"})
+    if unknown:
+        raise ConfigError(f"unknown top-level config keys {unknown}; valid: {list(SECTIONS)}")
+    arch = section(ArchConfig, raw.get("arch"), "arch")
+    env = section(EnvConfig, raw.get("env"), "env")
+    network = section(NetworkConfig, raw.get("network"), "network")
+    system = section(system_cls, raw.get("system"), "system")
+    logger = section(LoggerConfig, raw.get("logger"), "logger")
+
+    valid_tasks = envs.tasks(env.name)
+    if env.task not in valid_tasks:
+        fail("env.task", env.task, f"must be a task of env.name={env.name!r}: {valid_tasks}")
+
+    if available_devices is None:
+        import jax
+
+        available_devices = jax.device_count()
+    num_devices = arch.num_devices or available_devices
+    require(num_devices <= available_devices, "arch.num_devices", arch.num_devices,
+            f"only {available_devices} devices are available")
+    require(arch.num_envs % num_devices == 0, "arch.num_envs", arch.num_envs,
+            f"must be divisible by the number of devices ({num_devices})")
+    require(arch.num_eval_episodes % num_devices == 0, "arch.num_eval_episodes", arch.num_eval_episodes,
+            f"must be divisible by the number of devices ({num_devices})")
+    require(arch.num_absolute_metric_eval_episodes % num_devices == 0,
+            "arch.num_absolute_metric_eval_episodes", arch.num_absolute_metric_eval_episodes,
+            f"must be divisible by the number of devices ({num_devices})")
+    envs_per_device = arch.num_envs // num_devices
+    rollout = system.rollout_length
+    samples = rollout * envs_per_device
+    require(samples % system.num_minibatches == 0, "system.num_minibatches", system.num_minibatches,
+            f"must divide rollout_length * envs per device = {rollout} * {envs_per_device} = {samples}")
+
+    steps_per_update = rollout * arch.num_envs
+    num_updates = arch.total_timesteps // steps_per_update
+    require(num_updates >= arch.num_evaluation, "arch.total_timesteps", arch.total_timesteps,
+            f"must give at least one update per evaluation: >= num_evaluation * rollout_length * "
+            f"num_envs = {arch.num_evaluation * steps_per_update}")
+    return Settings(
+        arch=arch,
+        env=env,
+        network=network,
+        system=system,
+        logger=logger,
+        num_devices=num_devices,
+        envs_per_device=envs_per_device,
+        num_updates=num_updates,
+        num_updates_per_eval=num_updates // arch.num_evaluation,
+        steps_per_update=steps_per_update,
+    )

@@ -62,7 +62,10 @@ class JumanjiAdapter(MarlEnv):
     ``obs_shape`` and ``global_state_dim`` are read off these hooks with ``jax.eval_shape``.
     """
 
-    def __init__(self, env: Any, *, time_limit: int, global_state: bool, has_win: bool = False):
+    def __init__(
+        self, env: Any, *, time_limit: int, global_state: bool, has_win: bool = False,
+        implicit_agent_id: bool = False,
+    ):
         self._env = env  # a Jumanji Environment built with time_limit=NO_TIME_LIMIT
         self._add_global_state = global_state
         self._has_win = has_win
@@ -81,6 +84,7 @@ class JumanjiAdapter(MarlEnv):
             time_limit=int(time_limit),
             global_state_dim=state_dim,
             has_win=has_win,
+            implicit_agent_id=implicit_agent_id,
         )
 
     # ---- hooks -------------------------------------------------------------------------------

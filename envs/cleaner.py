@@ -57,7 +57,8 @@ class CleanerEnv(JumanjiAdapter):
 
     def __init__(self, *, time_limit: int, global_state: bool, **generator: int):
         env = _jumanji(NO_TIME_LIMIT, **generator)
-        super().__init__(env, time_limit=time_limit, global_state=global_state, has_win=True)
+        super().__init__(env, time_limit=time_limit, global_state=global_state, has_win=True,
+                         implicit_agent_id=True)
 
     def _occupancy(self, jstate: Any) -> tuple[Array, Array]:
         """Own position one-hot (A, R, C) bool and agents per tile (R, C) int32."""

@@ -82,7 +82,8 @@ class ConnectorEnv(JumanjiAdapter):
     ):
         self._individual_rewards = individual_rewards
         env = _jumanji(grid_size, num_agents, NO_TIME_LIMIT)
-        super().__init__(env, time_limit=time_limit, global_state=global_state, has_win=True)
+        super().__init__(env, time_limit=time_limit, global_state=global_state, has_win=True,
+                         implicit_agent_id=True)
 
     def _agents_view(self, jstate: Any, jts: Any) -> Array:
         num_agents = self._num_agents

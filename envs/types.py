@@ -62,6 +62,7 @@ class EnvSpec:
     action_low: float = -1.0  # continuous bounds (scalars, shared by all dimensions)
     action_high: float = 1.0
     has_win: bool = False  # the env reports extras["won_episode"]
+    implicit_agent_id: bool = False  # views are agent-relative: no agent-id one-hot needed
 
 
 class MarlEnv(abc.ABC):

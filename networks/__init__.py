@@ -5,4 +5,4 @@ from networks.base import (  # noqa: F401
     MLPTorso,
     make_actor_critic,
 )
-from networks.distributions import make_distribution  # noqa: F401
+from networks.distributions import env_action, make_distribution  # noqa: F401

@@ -111,7 +111,7 @@ def make_actor_critic(
         actor_net = ContinuousActor(actor_torso, spec.num_actions)
     critic_net = Critic(critic_torso)
     shared = parameter_sharing == "shared"
-    use_id = shared and add_agent_id
+    use_id = shared and add_agent_id and not spec.implicit_agent_id  # Mava: implicit_agent_id
 
     def actor_input(obs: Observation) -> Array:
         x = obs.agents_view.astype(jnp.float32)

@@ -3,9 +3,22 @@
 ``update_chunk = jit(shard_map(scan(num_updates_per_eval) ∘ vmap(seeds)))`` over a 1-D mesh of all
 devices. Learner states carry a leading seed axis S; env-batched fields (``System.env_fields``) are
 sharded over devices along the env axis, everything else is replicated (gradients are averaged
-across devices, so replicas stay identical). The host loop runs a chunk, evaluates the updated
-parameters, logs and repeats; then it re-evaluates the best parameters on 10x the episodes (the
-absolute metric), writes the marl-eval JSON and the learning-curve plot.
+across devices, so replicas stay identical).
+
+The host loop (``run``), Mava's evaluation protocol with two corrections (the parameters after each
+update chunk are evaluated, and once more before training):
+
+    evaluate the initial parameters
+    repeat num_evaluation times:
+        run one update chunk; stop if a loss or a parameter is not finite
+        evaluate on separate eval envs (num_eval_episodes per seed); keep the best parameters
+        log (console, marl-eval JSON, Neptune); checkpoint every logger.checkpoint.interval
+    absolute metric: the best parameters on num_absolute_metric_eval_episodes (default 10x)
+    learning-curve plot
+
+Checkpoints hold the learner state and the host loop's record (evaluations so far, best
+parameters), so ``logger.resume`` continues a killed run exactly where its last checkpoint was:
+on the same devices its final parameters equal an uninterrupted run's bit for bit.
 """
 
 from __future__ import annotations
@@ -25,9 +38,16 @@ import envs
 from envs.types import EnvSpec, MarlEnv
 from envs.vector import AutoResetVecEnv
 from systems.evaluation import ActFn, EvalResult, make_evaluator
-from systems.settings import Settings, load_settings
+from systems.settings import Settings, config_dict, load_settings
+from utils import checkpointing
+from utils.checkpointing import CheckpointError, entry_point
+from utils.config import ConfigError
 from utils.devices import DEVICE_AXIS, make_mesh, maybe_initialize_distributed
-from utils.logging import Console, MarlEvalJson, plot_curve
+from utils.logging import Console, MarlEvalJson, plot_learning_curve
+from utils.neptune_logger import NeptuneLogger, NeptuneMissingError, start_neptune
+
+EVAL_KEY_OFFSET = 10_000  # eval keys: PRNGKey(arch.seed + EVAL_KEY_OFFSET), folded with the eval index
+ABSOLUTE_INDEX = 1_000_000  # eval index used for the absolute-metric keys
 
 
 class System(NamedTuple):
@@ -44,6 +64,53 @@ class System(NamedTuple):
 SystemBuilder = Callable[[Settings, EnvSpec, AutoResetVecEnv], System]
 
 
+class NonFiniteError(RuntimeError):
+    """A loss or a parameter became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class Setup(NamedTuple):
+    """What a run is built from before any state exists."""
+
+    mesh: Any
+    env: MarlEnv
+    eval_env: MarlEnv
+    vec_env: AutoResetVecEnv
+    system: System
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One evaluation: ``index`` 0 is before training, k after k update chunks."""
+
+    index: int
+    step: int  # env steps per seed
+    elapsed: float  # training seconds so far (compilation excluded)
+    metrics: dict[str, np.ndarray]  # name -> (S,): mean_episode_return, mean_episode_length, ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "step": self.step, "elapsed": self.elapsed,
+                "metrics": {name: np.asarray(v).tolist() for name, v in self.metrics.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Evaluation":
+        return cls(int(data["index"]), int(data["step"]), float(data["elapsed"]),
+                   {name: np.asarray(v, np.float64) for name, v in data["metrics"].items()})
+
+
+@dataclasses.dataclass
+class HostRecord:
+    """What the host loop carries from chunk to chunk; saved with every checkpoint."""
+
+    evaluations: list[Evaluation]
+    best_return: np.ndarray  # (S,) best mean evaluation return so far, per seed
+    best_params: Any  # host copy (S, ...) of each seed's best evaluated parameters
+    train_seconds: float = 0.0
+
+    @property
+    def chunks_done(self) -> int:
+        return self.evaluations[-1].index
+
+
 @dataclasses.dataclass
 class RunResult:
     """What ``run`` returns (and tests inspect)."""
@@ -54,12 +121,18 @@ class RunResult:
     eval_returns: np.ndarray  # (num_evals + 1, S) mean evaluation return per seed
     eval_win_rates: Optional[np.ndarray]  # (num_evals + 1, S) or None
     absolute_return: Optional[np.ndarray]  # (S,)
-    train_metrics: list[dict[str, np.ndarray]]  # per chunk: name -> (U, S) values
+    absolute_win_rate: Optional[np.ndarray]  # (S,) or None
+    train_metrics: list[dict[str, np.ndarray]]  # per chunk run by this process: name -> (U, S)
     compile_seconds: float
-    train_seconds: float  # chunks only, compile excluded
+    train_seconds: float  # chunks only, compile excluded (earlier sessions of a resumed run included)
     run_dir: str
+    checkpoint_dir: Optional[str] = None
+    resumed_from: Optional[int] = None  # the checkpoint (evaluation index) this run continued from
 
 
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
 def make_envs(settings: Settings) -> tuple[MarlEnv, MarlEnv]:
     """Train and eval envs (the eval env is a separate instance; neither auto-resets by itself)."""
     global_state = bool(getattr(settings.system, "centralised_critic", False))
@@ -67,6 +140,15 @@ def make_envs(settings: Settings) -> tuple[MarlEnv, MarlEnv]:
     train = envs.make(settings.env.name, settings.env.task, global_state=global_state, **kwargs)
     evaluation = envs.make(settings.env.name, settings.env.task, global_state=global_state, **kwargs)
     return train, evaluation
+
+
+def prepare(settings: Settings, build_system: SystemBuilder) -> Setup:
+    """Mesh, envs and the system for ``settings``."""
+    maybe_initialize_distributed(settings.arch.distributed)
+    mesh = make_mesh(settings.num_devices)
+    env, eval_env = make_envs(settings)
+    vec_env = AutoResetVecEnv(env, settings.envs_per_device, settings.arch.num_resets)
+    return Setup(mesh, env, eval_env, vec_env, build_system(settings, env.spec, vec_env))
 
 
 def state_specs(state: Any, env_fields: tuple[str, ...]) -> Any:
@@ -91,6 +173,17 @@ def init_learner_states(system: System, env: MarlEnv, settings: Settings) -> Any
     return jax.jit(jax.vmap(init_one))(seeds)
 
 
+def shard_state(state: Any, mesh: Any, env_fields: tuple[str, ...]) -> Any:
+    specs = state_specs(state, env_fields)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, specs)
+
+
+def initial_state(setup: Setup, settings: Settings) -> Any:
+    """Fresh learner states, sharded over the mesh (also the target a checkpoint is restored onto)."""
+    state = init_learner_states(setup.system, setup.env, settings)
+    return shard_state(state, setup.mesh, setup.system.env_fields)
+
+
 def make_update_chunk(system: System, settings: Settings, mesh: Any, example_state: Any) -> Callable:
     """jit(shard_map(scan over updates of vmap over seeds)). Donates the input state."""
 
@@ -107,9 +200,11 @@ def make_update_chunk(system: System, settings: Settings, mesh: Any, example_sta
     return jax.jit(sharded, donate_argnums=0)
 
 
-def shard_state(state: Any, mesh: Any, env_fields: tuple[str, ...]) -> Any:
-    specs = state_specs(state, env_fields)
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), state, specs)
+def compile_update_chunk(system: System, settings: Settings, mesh: Any, state: Any) -> tuple[Callable, float]:
+    """The compiled chunk ``state -> (state, metrics (U, S))`` and the seconds compiling took."""
+    start = time.perf_counter()
+    compiled = make_update_chunk(system, settings, mesh, state).lower(state).compile()
+    return compiled, time.perf_counter() - start
 
 
 def summarise_eval(result: EvalResult, has_win: bool) -> dict[str, np.ndarray]:
@@ -121,6 +216,251 @@ def summarise_eval(result: EvalResult, has_win: bool) -> dict[str, np.ndarray]:
     return out
 
 
+def make_evaluate(setup: Setup, settings: Settings) -> Callable[..., dict[str, np.ndarray]]:
+    """``evaluate(params (S, ...), index, episodes=num_eval_episodes) -> per-seed metrics``.
+
+    Episode counts that are multiples of ``num_eval_episodes`` run the one compiled evaluator
+    repeatedly (the absolute metric's 10x costs no second compilation). Keys depend only on
+    ``arch.seed``, ``index`` and the repeat, so an evaluation is reproducible (and resumable).
+    """
+    arch, system = settings.arch, setup.system
+    batch = arch.num_eval_episodes
+    programs: dict[int, Callable] = {}
+    base_key = jax.random.PRNGKey(arch.seed + EVAL_KEY_OFFSET)
+
+    def program(episodes: int) -> Callable:
+        if episodes not in programs:
+            programs[episodes] = make_evaluator(system.act, system.init_actor_state, setup.eval_env,
+                                                setup.mesh, episodes, arch.evaluation_greedy)
+        return programs[episodes]
+
+    def evaluate(params: Any, index: int, episodes: Optional[int] = None) -> dict[str, np.ndarray]:
+        episodes = episodes or batch
+        size = batch if episodes % batch == 0 else episodes
+        parts = []
+        for repeat in range(episodes // size):
+            key = jax.random.fold_in(jax.random.fold_in(base_key, index), repeat)
+            parts.append(jax.device_get(program(size)(params, jax.random.split(key, arch.num_seeds))))
+        merged = EvalResult(*(np.concatenate([getattr(p, f) for p in parts], axis=-1) for f in EvalResult._fields))
+        return summarise_eval(merged, setup.env.spec.has_win)
+
+    return evaluate
+
+
+def stacked_eval_params(system: System, state: Any) -> Any:
+    return jax.vmap(system.eval_params)(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-loop bookkeeping (pure functions on host arrays)
+# ----------------------------------------------------------------------------------------------
+def improve_best(record: HostRecord, params: Any, returns: np.ndarray) -> HostRecord:
+    """Keeps, per seed, the parameters with the best evaluation return (ties: the later ones)."""
+    improved = returns >= record.best_return
+    if not improved.any():
+        return record
+    host = jax.device_get(params)
+
+    def pick(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+        mask = improved.reshape((-1,) + (1,) * (np.ndim(new) - 1))
+        return np.where(mask, new, old)
+
+    return dataclasses.replace(record, best_params=jax.tree.map(pick, host, record.best_params),
+                               best_return=np.where(improved, returns, record.best_return))
+
+
+def non_finite(metrics: dict[str, np.ndarray], params: Any) -> Optional[tuple[int, list[int], list[str]]]:
+    """The first update of a chunk with a NaN/inf loss, or a non-finite parameter after it.
+
+    ``metrics``: name -> (U, S, ...) per update and seed. Returns (update index within the chunk,
+    seed indices, names) or None when everything is finite.
+    """
+    bad: dict[str, np.ndarray] = {}
+    for name, value in metrics.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) and value.ndim >= 2:
+            flags = ~np.isfinite(value.reshape(value.shape[0], value.shape[1], -1)).all(axis=-1)
+            if flags.any():
+                bad[name] = flags  # (U, S)
+    params_ok = np.ones((), bool)
+    for leaf in jax.tree.leaves(jax.device_get(params)):
+        leaf = np.asarray(leaf)
+        if np.issubdtype(leaf.dtype, np.floating):
+            params_ok = params_ok & np.isfinite(leaf.reshape(leaf.shape[0], -1)).all(axis=-1)
+    if not bad and np.all(params_ok):
+        return None
+    if bad:
+        any_bad = np.any(np.stack(list(bad.values())), axis=0)  # (U, S)
+        update = int(np.argmax(any_bad.any(axis=1)))
+        seeds = np.nonzero(any_bad[update])[0].tolist()
+        names = [name for name, flags in bad.items() if flags[update].any()]
+    else:
+        update = next(iter(metrics.values())).shape[0] - 1
+        seeds = np.nonzero(~np.broadcast_to(params_ok, (np.size(params_ok),)))[0].tolist()
+        names = []
+    if not np.all(params_ok):
+        names.append("parameters")
+    return update, seeds, names
+
+
+def train_summary(metrics: dict[str, np.ndarray]) -> dict[str, float]:
+    """Chunk means of the training metrics (losses, ...) and the mean return of finished episodes."""
+    out = {name: float(np.mean(v)) for name, v in metrics.items()
+           if name not in ("return_sum", "length_sum", "won_sum", "count")}
+    if "count" in metrics:
+        episodes = float(np.sum(metrics["count"]))
+        out["episodes"] = episodes
+        out["episode_return"] = float(np.sum(metrics["return_sum"]) / max(episodes, 1.0))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume
+# ----------------------------------------------------------------------------------------------
+def training_config(config: dict[str, Any], num_devices: int) -> dict[str, Any]:
+    """The parts of a config that change what is computed (the logger section does not)."""
+    return {**{name: config[name] for name in ("arch", "env", "network", "system")}, "devices": num_devices}
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    a, b = _flat(saved), _flat(current)
+    return [f"{key}: {a.get(key, '<missing>')!r} in the checkpoint, {b.get(key, '<missing>')!r} now"
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+def saved_training_config(meta: dict[str, Any], system_cls: type) -> dict[str, Any]:
+    """The training config of a checkpoint as this code reads it: keys added to the code since the
+    checkpoint was written take their defaults. Raises ``ConfigError`` if the code no longer accepts it."""
+    config = {name: meta["config"][name] for name in ("arch", "env", "network", "system")}
+    return training_config(config_dict(load_settings(config, system_cls)), meta.get("num_devices", -1))
+
+
+def _same_run(config: dict[str, Any], settings: Settings) -> bool:
+    return (config["system"].get("name"), config["env"].get("name"), config["env"].get("task"), config["arch"].get("seed")) == (
+        settings.system.name, settings.env.name, settings.env.task, settings.arch.seed)
+
+
+def find_resume_point(settings: Settings, run_dir: Optional[str], say: Callable[[str], None]) -> Optional[tuple[str, int]]:
+    """(checkpoints folder, checkpoint) that ``logger.resume`` asks to continue, or None for a new run.
+
+    ``true``: this run folder's checkpoints if any, else the most recent checkpoint under
+    ``logger.base_dir`` with the same training config (none: a new run starts, saying why). A path:
+    that run folder, its checkpoints folder (latest checkpoint) or one numbered checkpoint in it.
+    """
+    resume = settings.logger.resume
+    if resume is False:
+        return None
+    if isinstance(resume, str):
+        directory, step = checkpointing.resolve(resume)
+        return directory, checkpointing.pick_step(directory, step)
+    if run_dir and checkpointing.committed_steps(os.path.join(run_dir, "checkpoints")):
+        directory = os.path.join(run_dir, "checkpoints")
+        return directory, checkpointing.pick_step(directory)
+    wanted = training_config(config_dict(settings), settings.num_devices)
+    found, near = [], []
+    base = settings.logger.base_dir
+    for entry in (os.scandir(base) if os.path.isdir(base) else []):
+        directory = os.path.join(entry.path, "checkpoints")
+        steps = checkpointing.committed_steps(directory)
+        if not steps:
+            continue
+        try:
+            meta = checkpointing.read_meta(directory, steps[-1])
+        except CheckpointError as err:
+            say(f"resume: skipping {directory}: {err}")
+            continue
+        when = os.path.getmtime(checkpointing.step_path(directory, steps[-1]))
+        try:
+            differences = config_differences(saved_training_config(meta, type(settings.system)), wanted)
+        except ConfigError as err:
+            differences = [f"its config is not valid for this code ({err})"]
+        if not differences:
+            found.append((when, directory, steps[-1]))
+        elif _same_run(meta["config"], settings):
+            near.append((when, directory, differences))
+    if found:
+        _, directory, step = max(found)
+        return directory, step
+    if near:
+        _, directory, differences = max(near)
+        say(f"logger.resume=true: the latest run of this system, task and seed under {base}/ ({directory}) "
+            f"has a different config ({'; '.join(differences)}); starting a new run")
+    else:
+        say(f"logger.resume=true: no checkpoint of this config under {base}/; starting a new run")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Output fan-out: console, marl-eval JSON, Neptune
+# ----------------------------------------------------------------------------------------------
+class Reporter:
+    """Sends each evaluation to the console, the marl-eval JSON (written every time) and Neptune."""
+
+    def __init__(self, settings: Settings, console: Console, say: Callable[[str], None],
+                 results: MarlEvalJson, neptune: NeptuneLogger, primary: bool):
+        self.settings, self.console, self.say = settings, console, say
+        self.results, self.neptune, self.primary = results, neptune, primary
+
+    def restore(self, evaluations: list[Evaluation]) -> None:
+        """Re-enters the evaluations of the run so far (a resumed run rewrites its JSON entries)."""
+        for evaluation in evaluations[1:]:
+            self.results.add(evaluation.index - 1, evaluation.step, evaluation.metrics, evaluation.elapsed)
+
+    def initial(self, evaluation: Evaluation) -> None:
+        self.say(f"before training: eval return {np.mean(evaluation.metrics['mean_episode_return']):.3f}")
+        self._neptune(evaluation, {})
+
+    def evaluation(self, evaluation: Evaluation, train: dict[str, float]) -> None:
+        self.results.add(evaluation.index - 1, evaluation.step, evaluation.metrics, evaluation.elapsed)
+        if self.primary:
+            self.results.write()
+        self._neptune(evaluation, train)
+        metrics = evaluation.metrics
+        ret = metrics["mean_episode_return"]
+        spread = f" ±{np.std(ret):.3f}" if ret.size > 1 else ""
+        win = f"  win {np.mean(metrics['win_rate']):5.1f}%" if "win_rate" in metrics else ""
+        sps = float(np.mean(metrics["steps_per_second"]))
+        summary = (f"step {evaluation.step:>11,}  eval return {np.mean(ret):8.3f}{spread}{win}  "
+                   f"train return {train.get('episode_return', float('nan')):8.3f}  {sps:10,.0f} steps/s")
+        self.console.evaluation(evaluation.index, evaluation.step, summary,
+                                f"return {np.mean(ret):.3f}{win}  {sps:,.0f} steps/s")
+
+    def absolute(self, metrics: dict[str, np.ndarray], episodes: int) -> None:
+        self.results.add_absolute(metrics)
+        win = f", win {np.mean(metrics['win_rate']):.1f}%" if "win_rate" in metrics else ""
+        self.say(f"absolute metric (best parameters, {episodes} episodes per seed): "
+                 f"return {np.mean(metrics['mean_episode_return']):.3f}{win}")
+        self.neptune.set_values("absolute", {name: float(np.mean(v)) for name, v in metrics.items()})
+
+    def _neptune(self, evaluation: Evaluation, train: dict[str, float]) -> None:
+        if not self.neptune.enabled:
+            return
+        means = {name: float(np.mean(v)) for name, v in evaluation.metrics.items()}
+        self.neptune.log_metrics("eval", means, evaluation.step)
+        for i, value in enumerate(evaluation.metrics["mean_episode_return"]):
+            self.neptune.log_metrics(f"eval/seed_{self.settings.arch.seed + i}",
+                                     {"mean_episode_return": float(value)}, evaluation.step)
+        if train:
+            self.neptune.log_metrics("train", train, evaluation.step)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def default_run_dir(settings: Settings) -> str:
+    return os.path.join(settings.logger.base_dir, f"{settings.system.name}_{settings.env.name}_{settings.env.task}"
+                        f"_s{settings.arch.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def run(
     settings: Settings,
     build_system: SystemBuilder,
@@ -128,124 +468,200 @@ def run(
     log: Optional[Callable[[str], None]] = None,
 ) -> RunResult:
     """Trains ``settings.arch.num_seeds`` seeds of a system and evaluates them (Mava's protocol)."""
-    arch = settings.arch
-    maybe_initialize_distributed(arch.distributed)
-    mesh = make_mesh(settings.num_devices)
-    env, eval_env = make_envs(settings)
-    spec = env.spec
-    vec_env = AutoResetVecEnv(env, settings.envs_per_device, arch.num_resets)
-    system = build_system(settings, spec, vec_env)
-    algorithm = settings.system.name
-    run_dir = run_dir or os.path.join(
-        settings.logger.base_dir, f"{algorithm}_{settings.env.name}_{settings.env.task}_s{arch.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    arch, logcfg = settings.arch, settings.logger
+    console = Console(settings.total_steps, arch.num_evaluation, logcfg.progress, logcfg.log_every, sink=log)
+    say = console.print
+    primary = jax.process_index() == 0
+    setup = prepare(settings, build_system)
+    system, algorithm = setup.system, settings.system.name
+
+    resume_point = find_resume_point(settings, run_dir, say)
+    if resume_point is not None:
+        run_dir = os.path.dirname(resume_point[0])  # a resumed run keeps writing its own folder
+    run_dir = run_dir or default_run_dir(settings)
     os.makedirs(run_dir, exist_ok=True)
-    console = Console(settings.total_steps, settings.logger.progress)
-    say = log or console.print
     seeds = list(range(arch.seed, arch.seed + arch.num_seeds))
-    results_json = MarlEvalJson(
-        settings.logger.json_path or os.path.join(run_dir, "metrics.json"),
-        settings.env.name, settings.env.task, algorithm, seeds,
-    )
+    results = MarlEvalJson(logcfg.json_path or os.path.join(run_dir, "metrics.json"),
+                           settings.env.name, settings.env.task, algorithm, seeds)
+    neptune = start_neptune(logcfg.neptune, os.path.basename(os.path.normpath(run_dir)), config_dict(settings),
+                            warn=lambda text: say(f"warning: {text}"), say=say) if primary else NeptuneLogger(None, "off", say)
+    reporter = Reporter(settings, console, say, results, neptune, primary)
+    checkpoint_dir = os.path.join(run_dir, "checkpoints") if logcfg.checkpoint.enabled else None
+    checkpointer = (checkpointing.Checkpointer(checkpoint_dir, logcfg.checkpoint.max_to_keep, logcfg.checkpoint.keep_best)
+                    if checkpoint_dir else None)
+    meta_static = {"config": config_dict(settings), "num_devices": settings.num_devices,
+                   "system_config": entry_point(type(settings.system)), "build_system": entry_point(build_system),
+                   "seeds": seeds, "num_evaluation": arch.num_evaluation}
 
-    state = init_learner_states(system, env, settings)
-    state = shard_state(state, mesh, system.env_fields)
-    chunk = make_update_chunk(system, settings, mesh, state)
-    evaluate = make_evaluator(system.act, system.init_actor_state, eval_env, mesh,
-                              arch.num_eval_episodes, arch.evaluation_greedy)
-    eval_key = jax.random.PRNGKey(arch.seed + 10_000)
+    try:
+        say(f"{algorithm} on {settings.env.name}/{settings.env.task}: {arch.num_seeds} seed(s), "
+            f"{settings.num_devices} device(s), {arch.num_envs} envs, "
+            f"{settings.num_updates_per_eval * arch.num_evaluation} updates; compiling...")
+        state = initial_state(setup, settings)
+        last_checkpoint: Optional[str] = None
+        if resume_point is not None:  # restored onto the fresh state's shapes and shardings
+            state, record = restore_run(resume_point, state, system, settings, say)
+            last_checkpoint = checkpointing.step_path(*resume_point)
+            reporter.restore(record.evaluations)
+            say(f"resuming from {last_checkpoint} (evaluation {record.chunks_done}/{arch.num_evaluation}, "
+                f"step {record.evaluations[-1].step:,})")
+        chunk, compile_seconds = compile_update_chunk(system, settings, setup.mesh, state)
+        evaluate = make_evaluate(setup, settings)
+        say(f"compiled in {compile_seconds:.1f}s; run folder {run_dir}")
+        if resume_point is None:
+            params = stacked_eval_params(system, state)
+            first = Evaluation(0, 0, 0.0, evaluate(params, 0))
+            record = HostRecord([first], first.metrics["mean_episode_return"].copy(), jax.device_get(params))
+            reporter.initial(first)
 
-    start = time.perf_counter()
-    compiled = chunk.lower(state).compile()
-    compile_seconds = time.perf_counter() - start
-    say(f"{algorithm} on {settings.env.name}/{settings.env.task}: {arch.num_seeds} seed(s), "
-        f"{settings.num_devices} device(s), {arch.num_envs} envs, {settings.num_updates_per_eval * arch.num_evaluation} "
-        f"updates; compiled in {compile_seconds:.1f}s")
+        train_metrics: list[dict[str, np.ndarray]] = []
+        console.start(record.evaluations[-1].step)
+        for index in range(record.chunks_done + 1, arch.num_evaluation + 1):
+            start = time.perf_counter()
+            state, metrics = chunk(state)
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - start
+            params = stacked_eval_params(system, state)
+            problem = non_finite(metrics, getattr(state, "params", params))
+            if problem is not None:
+                raise NonFiniteError(non_finite_message(problem, index, settings, last_checkpoint, results.path))
+            train_metrics.append(metrics)
+            step = index * settings.steps_per_chunk
+            evaluation = Evaluation(index, step, record.train_seconds + elapsed, evaluate(params, index))
+            evaluation.metrics["steps_per_second"] = np.full(arch.num_seeds, settings.steps_per_chunk * arch.num_seeds / elapsed)
+            record = improve_best(record, params, evaluation.metrics["mean_episode_return"])
+            record = dataclasses.replace(record, evaluations=record.evaluations + [evaluation],
+                                         train_seconds=evaluation.elapsed)
+            reporter.evaluation(evaluation, train_summary(metrics))
+            if checkpointer is not None and (index % logcfg.checkpoint.interval == 0 or index == arch.num_evaluation):
+                last_checkpoint = save_checkpoint(checkpointer, index, state, params, record, meta_static)
 
-    def eval_params(state: Any) -> Any:
-        return jax.vmap(system.eval_params)(state)
-
-    def evaluation(params: Any, index: int) -> dict[str, np.ndarray]:
-        keys = jax.random.split(jax.random.fold_in(eval_key, index), arch.num_seeds)
-        return summarise_eval(evaluate(params, keys), spec.has_win)
-
-    initial = evaluation(eval_params(state), 0)
-    steps, returns, wins = [0], [initial["mean_episode_return"]], [initial.get("win_rate")]
-    results_json.add(0, 0, initial, 0.0)
-    best_return = initial["mean_episode_return"].copy()
-    best_params = jax.device_get(eval_params(state))
-    train_metrics: list[dict[str, np.ndarray]] = []
-    train_seconds = 0.0
-    for i in range(arch.num_evaluation):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state)
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - t0
-        train_seconds += elapsed
-        train_metrics.append(metrics)
-        step = (i + 1) * settings.steps_per_chunk
-        sps = settings.steps_per_chunk * arch.num_seeds / elapsed
-        params = eval_params(state)
-        result = evaluation(params, i + 1)
-        result["steps_per_second"] = np.full(arch.num_seeds, sps)
-        results_json.add(i + 1, step, result, train_seconds)
-        steps.append(step)
-        returns.append(result["mean_episode_return"])
-        wins.append(result.get("win_rate"))
-        improved = result["mean_episode_return"] >= best_return
-        if improved.any():
-            host_params = jax.device_get(params)
-            best_params = jax.tree.map(
-                lambda new, old: np.where(improved.reshape((-1,) + (1,) * (np.ndim(new) - 1)), new, old),
-                host_params, best_params,
-            )
-            best_return = np.maximum(best_return, result["mean_episode_return"])
-        episodes = metrics["count"].sum(axis=0)
-        train_return = metrics["return_sum"].sum(axis=0) / np.maximum(episodes, 1)
-        win = f" win {np.mean(result['win_rate']):5.1f}%" if "win_rate" in result else ""
-        line = (f"[{i + 1:>3}/{arch.num_evaluation}] step {step:>10,}  eval return "
-                f"{np.mean(result['mean_episode_return']):8.3f}{win}  train return {np.mean(train_return):8.3f}  "
-                f"{sps:9,.0f} steps/s")
-        say(line)
-        console.update(step, f"return {np.mean(result['mean_episode_return']):.3f}  {sps:,.0f} steps/s")
-
-    absolute = None
-    if arch.absolute_metric:
-        absolute_eval = make_evaluator(system.act, system.init_actor_state, eval_env, mesh,
-                                       arch.num_absolute_metric_eval_episodes, arch.evaluation_greedy)
-        keys = jax.random.split(jax.random.fold_in(eval_key, 10**6), arch.num_seeds)
-        abs_metrics = summarise_eval(absolute_eval(best_params, keys), spec.has_win)
-        results_json.add_absolute(abs_metrics)
-        absolute = abs_metrics["mean_episode_return"]
-        say(f"absolute metric (best params, {arch.num_absolute_metric_eval_episodes} episodes): "
-            f"return {np.mean(absolute):.3f}")
-    results_json.write()
-    console.close()
-    eval_steps = np.asarray(steps)
-    eval_returns = np.stack(returns)
-    if settings.logger.plot:
-        plot_curve(os.path.join(run_dir, "learning_curve.png"), eval_steps, eval_returns,
-                   f"{algorithm} {settings.env.name}/{settings.env.task}")
-    say(f"trained {settings.total_steps * arch.num_seeds:,} steps in {train_seconds:.1f}s "
-        f"(+{compile_seconds:.1f}s compile); results in {run_dir}")
+        absolute = None
+        if arch.absolute_metric:
+            episodes = arch.num_absolute_metric_eval_episodes
+            best = jax.device_put(record.best_params, NamedSharding(setup.mesh, P()))
+            absolute = evaluate(best, ABSOLUTE_INDEX, episodes)
+            reporter.absolute(absolute, episodes)
+        if primary:
+            results.write()
+        console.close()
+        steps = np.asarray([e.step for e in record.evaluations])
+        returns = np.stack([e.metrics["mean_episode_return"] for e in record.evaluations])
+        wins = (np.stack([e.metrics["win_rate"] for e in record.evaluations])
+                if setup.env.spec.has_win else None)
+        if logcfg.plot and primary:
+            plot_path = os.path.join(run_dir, "learning_curve.png")
+            plot_learning_curve(plot_path, steps, returns, f"{algorithm} {settings.env.name}/{settings.env.task}",
+                                wins, None if absolute is None else absolute["mean_episode_return"])
+            neptune.upload("results/learning_curve", plot_path)
+        neptune.upload("results/metrics_json", results.path)
+        say(f"trained {settings.total_steps * arch.num_seeds:,} steps in {record.train_seconds:.1f}s "
+            f"(+{compile_seconds:.1f}s compile); results in {run_dir}")
+    finally:
+        console.close()
+        neptune.close()
+        if checkpointer is not None:
+            checkpointer.close()
     return RunResult(
         settings=settings,
         learner_state=state,
-        eval_steps=eval_steps,
-        eval_returns=eval_returns,
-        eval_win_rates=np.stack(wins) if spec.has_win else None,
-        absolute_return=absolute,
+        eval_steps=steps,
+        eval_returns=returns,
+        eval_win_rates=wins,
+        absolute_return=None if absolute is None else absolute["mean_episode_return"],
+        absolute_win_rate=None if absolute is None else absolute.get("win_rate"),
         train_metrics=train_metrics,
         compile_seconds=compile_seconds,
-        train_seconds=train_seconds,
+        train_seconds=record.train_seconds,
         run_dir=run_dir,
+        checkpoint_dir=checkpoint_dir,
+        resumed_from=None if resume_point is None else resume_point[1],
     )
 
 
+def non_finite_message(problem: tuple[int, list[int], list[str]], index: int, settings: Settings,
+                       last_checkpoint: Optional[str], results_path: str) -> str:
+    update, seeds, names = problem
+    global_update = (index - 1) * settings.num_updates_per_eval + update + 1
+    step = global_update * settings.steps_per_update
+    seed_ids = [settings.arch.seed + s for s in seeds]
+    if last_checkpoint:
+        where = (f"The last good checkpoint is {last_checkpoint}; continue from it with a change that avoids "
+                 f"this, e.g. a lower system.actor_lr: logger.resume={os.path.dirname(os.path.dirname(last_checkpoint))}"
+                 " system.actor_lr=... (an explicit resume accepts changed system.* hyperparameters).")
+    else:
+        where = "No checkpoint was saved before this point."
+    saved = f" Evaluations so far are in {results_path}." if os.path.exists(results_path) else ""
+    return (f"non-finite {', '.join(names) or 'values'} at update {global_update} (env step {step:,}) "
+            f"of seed(s) {seed_ids}: training stopped. {where}{saved}")
+
+
+def save_checkpoint(checkpointer: checkpointing.Checkpointer, index: int, state: Any, params: Any,
+                    record: HostRecord, meta_static: dict[str, Any]) -> str:
+    """Checkpoint ``index``: learner state, host record, and the evaluation parameters on their own
+    (``params``, so that evaluation can load them without the learner state)."""
+    meta = {**meta_static, "eval_index": index, "env_steps": record.evaluations[-1].step,
+            "train_seconds": record.train_seconds, "evaluations": [e.to_json() for e in record.evaluations]}
+    host = {"best_params": record.best_params, "best_return": np.asarray(record.best_return, np.float64),
+            "params": params}
+    score = float(np.mean(record.evaluations[-1].metrics["mean_episode_return"]))
+    return checkpointer.save(index, state, host, meta, score)
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], explicit: bool, where: str) -> list[str]:
+    """Differences between a checkpoint's training config and this run's that resuming may accept.
+
+    None for an exact resume. On an explicit ``logger.resume=<path>``, changed ``system.*``
+    hyperparameters (not ``system.name``) are accepted and returned, e.g. a lower learning rate after
+    a divergence; anything else raises ``CheckpointError`` listing the differences.
+    """
+    a, b = _flat(saved), _flat(current)
+    changed = [key for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
+    if not changed:
+        return []
+    differences = config_differences(saved, current)
+    if explicit and all(key.startswith("system.") and key != "system.name" for key in changed):
+        return differences
+    hint = "" if explicit else " (an explicit logger.resume=<run folder> accepts changed system.* hyperparameters)"
+    raise CheckpointError(f"cannot resume from {where}: its config differs from this run's "
+                          f"({'; '.join(differences)}){hint}")
+
+
+def restore_run(point: tuple[str, int], target: Any, system: System, settings: Settings,
+                say: Callable[[str], None] = print) -> tuple[Any, HostRecord]:
+    """Learner state (re-sharded like ``target``) and host record of checkpoint ``point``."""
+    directory, step = point
+    where = checkpointing.step_path(directory, step)
+    meta = checkpointing.read_meta(directory, step)
+    try:
+        saved = saved_training_config(meta, type(settings.system))
+    except ConfigError as err:
+        raise CheckpointError(f"cannot resume from {where}: its config is not valid for this code ({err})") from err
+    changed = check_resume_config(saved, training_config(config_dict(settings), settings.num_devices),
+                                  explicit=isinstance(settings.logger.resume, str), where=where)
+    if changed:
+        say(f"warning: resuming with changed hyperparameters ({'; '.join(changed)}); from here on the run "
+            "differs from the one that wrote the checkpoint")
+    params = stacked_eval_params(system, target)
+    host_target = {"best_params": jax.device_get(params), "best_return": np.zeros(settings.arch.num_seeds, np.float64),
+                   "params": params}
+    state, host, meta = checkpointing.restore(directory, step, target, host_target)
+    evaluations = [Evaluation.from_json(e) for e in meta["evaluations"]]
+    record = HostRecord(evaluations, np.asarray(host["best_return"]), host["best_params"], float(meta["train_seconds"]))
+    return state, record
+
+
 def run_from_config(cfg: Any, system_cls: type, build_system: SystemBuilder) -> float:
-    """Hydra entry: validate, train, return the final mean eval return (a sweep objective)."""
-    settings = load_settings(cfg, system_cls)
-    result = run(settings, build_system, run_dir=_hydra_run_dir())
+    """Hydra entry: validate, train, return the final mean eval return (a sweep objective).
+
+    Errors a user can act on (config, checkpoint, NaN, missing Neptune) end the process with their
+    message instead of a traceback.
+    """
+    try:
+        settings = load_settings(cfg, system_cls)
+        result = run(settings, build_system, run_dir=_hydra_run_dir())
+    except (ConfigError, CheckpointError, NonFiniteError, NeptuneMissingError) as err:
+        raise SystemExit(f"error: {err}") from None
     return float(np.mean(result.eval_returns[-1]))
 
 

@@ -17,7 +17,7 @@ from jax import Array
 
 from envs.types import EnvSpec, Observation, TimeStep
 from envs.vector import AutoResetVecEnv, VecState
-from networks import ActorCritic, make_actor_critic, make_distribution
+from networks import ActorCritic, env_action, make_actor_critic, make_distribution
 from utils.config import positive, require
 
 DEVICE_AXIS = "device"
@@ -82,7 +82,7 @@ class LearnerState(NamedTuple):
 
 class Transition(NamedTuple):
     obs: Observation  # (T, E, A, ...) observation the action was taken from
-    action: Array  # (T, E, A) int32 or (T, E, A, d) float32
+    action: Array  # (T, E, A) int32 or (T, E, A, d) float32 pre-tanh u (see networks.distributions)
     log_prob: Array  # (T, E, A) behaviour log-probability
     value: Array  # (T, E, A) V(obs)
     next_value: Array  # (T, E, A) V(real next obs): the bootstrap, also at time-limit ends
@@ -122,7 +122,7 @@ def rollout(
         pi = make_distribution(spec, nets.actor(params.actor, obs))
         action = pi.sample(seed=act_key)
         value = nets.critic(params.critic, obs)
-        env_state, next_timestep, info = vec_env.step(env_state, action, reset_key)
+        env_state, next_timestep, info = vec_env.step(env_state, env_action(spec, action), reset_key)
         next_value = nets.critic(params.critic, info.real_next_obs)
         transition = Transition(
             obs=obs,
@@ -330,6 +330,8 @@ def make_ppo_update(
 # ----------------------------------------------------------------------------------------------
 def make_networks(settings: Any, spec: EnvSpec) -> ActorCritic:
     net = settings.network
+    require(net.kind == "ff", "network.kind", net.kind,
+            "this system has feed-forward networks only (network.kind=rnn: ippo/mappo)")
     return make_actor_critic(
         spec,
         actor_layers=net.actor_layers,
@@ -353,7 +355,8 @@ def make_act_fn(nets: ActorCritic, spec: EnvSpec) -> Callable:
 
     def act(actor_params: Any, timestep: TimeStep, key: Array, actor_state: None, greedy: bool) -> tuple[Array, None]:
         pi = make_distribution(spec, nets.actor(actor_params, timestep.observation))
-        return (pi.mode() if greedy else pi.sample(seed=key)), actor_state
+        action = pi.mode() if greedy else pi.sample(seed=key)
+        return env_action(spec, action), actor_state
 
     return act
 
@@ -372,6 +375,10 @@ def make_ppo_system(settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv) -> A
     """IPPO (local critic) or MAPPO (``system.centralised_critic``): all agents updated at once."""
     from systems.anakin import System
 
+    if settings.network.kind == "rnn":
+        from systems.rec_ppo import make_rec_ppo_system
+
+        return make_rec_ppo_system(settings, spec, vec_env)
     nets = make_networks(settings, spec)
     actor_opt, critic_opt = make_optimisers(settings)
     return System(

@@ -7,7 +7,8 @@ driver needs (updates, chunk sizes, per-device envs) once, before anything is co
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import json
+from typing import Any, Optional, Union
 
 import envs
 from utils.config import ConfigError, fail, one_of, positive, require, section, to_container
@@ -21,7 +22,7 @@ class ArchConfig:
     total_timesteps: int = 2_000_000  # joint env steps per seed
     num_evaluation: int = 20  # evaluations during training (one compiled chunk between each)
     num_eval_episodes: int = 32
-    num_absolute_metric_eval_episodes: int = 320
+    num_absolute_metric_eval_episodes: Optional[int] = None  # None: 10 x num_eval_episodes (Mava: 320)
     absolute_metric: bool = True
     evaluation_greedy: bool = False
     num_devices: Optional[int] = None  # None: every device jax sees
@@ -31,7 +32,8 @@ class ArchConfig:
     def check(self, prefix: str) -> None:
         for key in ("num_seeds", "num_envs", "total_timesteps", "num_evaluation", "num_eval_episodes"):
             positive(f"{prefix}.{key}", getattr(self, key))
-        positive(f"{prefix}.num_absolute_metric_eval_episodes", self.num_absolute_metric_eval_episodes)
+        if self.num_absolute_metric_eval_episodes is not None:
+            positive(f"{prefix}.num_absolute_metric_eval_episodes", self.num_absolute_metric_eval_episodes)
         if self.num_devices is not None:
             positive(f"{prefix}.num_devices", self.num_devices)
         if self.num_resets is not None:
@@ -57,9 +59,18 @@ class NetworkConfig:
     use_layer_norm: bool = False
     parameter_sharing: str = "shared"
     add_agent_id: bool = True
+    # kind=rnn (recurrent IPPO/MAPPO): pre-torso -> GRU -> post-torso, for the actor and the critic
+    rnn_pre_layers: tuple[int, ...] = (128,)
+    rnn_hidden_size: int = 128
+    rnn_post_layers: tuple[int, ...] = (128,)
 
     def check(self, prefix: str) -> None:
-        one_of(f"{prefix}.kind", self.kind, ["ff"])
+        one_of(f"{prefix}.kind", self.kind, ["ff", "rnn"])
+        positive(f"{prefix}.rnn_hidden_size", self.rnn_hidden_size)
+        for key in ("rnn_pre_layers", "rnn_post_layers"):
+            sizes = getattr(self, key)
+            require(len(sizes) > 0 and all(s > 0 for s in sizes), f"{prefix}.{key}", list(sizes),
+                    "must be a non-empty list of positive layer widths")
         one_of(f"{prefix}.activation", self.activation, ["relu", "tanh", "gelu"])
         one_of(f"{prefix}.parameter_sharing", self.parameter_sharing, ["shared", "separate"])
         for key in ("actor_layers", "critic_layers"):
@@ -69,14 +80,59 @@ class NetworkConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """``logger.checkpoint.*``: Orbax checkpoints of the full learner state under <run dir>/checkpoints."""
+
+    enabled: bool = True
+    interval: int = 1  # save after every N-th evaluation (and always after the last one)
+    max_to_keep: int = 2  # the most recent checkpoints kept
+    keep_best: bool = True  # also keep the checkpoint with the best mean evaluation return
+
+    def check(self, prefix: str) -> None:
+        positive(f"{prefix}.interval", self.interval)
+        positive(f"{prefix}.max_to_keep", self.max_to_keep)
+
+
+NEPTUNE_MODES = ("auto", "async", "sync", "offline", "debug")
+
+
+@dataclasses.dataclass(frozen=True)
+class NeptuneConfig:
+    """``logger.neptune.*``: optional Neptune logging (``pip install -e '.[neptune]'``).
+
+    The API token is read only from the NEPTUNE_API_TOKEN environment variable, never from config.
+    """
+
+    enabled: bool = False
+    project: Optional[str] = None  # "workspace/project"; None: the NEPTUNE_PROJECT variable
+    mode: str = "auto"  # auto: async with a token and a reachable server, else offline
+    tags: tuple[str, ...] = ()
+    name: Optional[str] = None  # run name shown in Neptune; None: the run folder's name
+    connect_timeout: float = 5.0  # seconds to wait for the server before going offline
+
+    def check(self, prefix: str) -> None:
+        one_of(f"{prefix}.mode", self.mode, NEPTUNE_MODES)
+        positive(f"{prefix}.connect_timeout", self.connect_timeout)
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggerConfig:
     base_dir: str = "results"  # run folders go under here
     json_path: Optional[str] = None  # marl-eval JSON (appended); None: <run dir>/metrics.json
     plot: bool = True
     progress: bool = True  # live progress bar on a terminal
+    log_every: Optional[int] = None  # one console line every N evaluations; None: about 20 lines a run
+    resume: Union[bool, str] = False  # true: the latest matching run under base_dir; or a run folder
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    neptune: NeptuneConfig = dataclasses.field(default_factory=NeptuneConfig)
 
     def check(self, prefix: str) -> None:
         require(bool(self.base_dir), f"{prefix}.base_dir", self.base_dir, "must be a folder path")
+        if self.log_every is not None:
+            positive(f"{prefix}.log_every", self.log_every)
+        if isinstance(self.resume, str):
+            require(bool(self.resume), f"{prefix}.resume", self.resume,
+                    "must be true, false or the path of a run folder (or its checkpoints folder)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +169,16 @@ def load_settings(cfg: Any, system_cls: type, available_devices: Optional[int] =
     if unknown:
         raise ConfigError(f"unknown top-level config keys {unknown}; valid: {list(SECTIONS)}")
     arch = section(ArchConfig, raw.get("arch"), "arch")
+    if arch.num_absolute_metric_eval_episodes is None:
+        arch = dataclasses.replace(arch, num_absolute_metric_eval_episodes=10 * arch.num_eval_episodes)
     env = section(EnvConfig, raw.get("env"), "env")
     network = section(NetworkConfig, raw.get("network"), "network")
     system = section(system_cls, raw.get("system"), "system")
     logger = section(LoggerConfig, raw.get("logger"), "logger")
+    if isinstance(logger.resume, str) and logger.resume.lower() in ("true", "false"):
+        logger = dataclasses.replace(logger, resume=logger.resume.lower() == "true")
+    require(logger.resume is False or logger.checkpoint.enabled, "logger.resume", logger.resume,
+            "needs checkpoints: logger.checkpoint.enabled=true")
 
     valid_tasks = envs.tasks(env.name)
     if env.task not in valid_tasks:
@@ -159,3 +221,8 @@ def load_settings(cfg: Any, system_cls: type, available_devices: Optional[int] =
         num_updates_per_eval=num_updates // arch.num_evaluation,
         steps_per_update=steps_per_update,
     )
+
+
+def config_dict(settings: Settings) -> dict[str, Any]:
+    """The run's sections as plain JSON data (saved with checkpoints); ``load_settings`` takes it back."""
+    return json.loads(json.dumps({name: dataclasses.asdict(getattr(settings, name)) for name in SECTIONS}))

@@ -12,6 +12,7 @@ def small_settings(config: str, system_cls, overrides: list[str], results_dir: s
         "arch.num_evaluation=2",
         "arch.num_eval_episodes=8",
         "arch.num_absolute_metric_eval_episodes=8",
+        "arch.absolute_metric=false",
         "logger.progress=false",
         "logger.plot=false",
         f"logger.base_dir={results_dir}",

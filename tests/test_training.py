@@ -1,12 +1,15 @@
 """Short end-to-end training runs through the real configs and the anakin driver."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import small_settings
 
-from systems.anakin import run
+from envs.vector import AutoResetVecEnv
+from systems.anakin import init_learner_states, make_envs, make_update_chunk, run, shard_state
 from systems.ppo import PPOConfig, make_ppo_system
+from utils.devices import make_mesh
 
 
 def train(config, overrides, results_dir):
@@ -16,7 +19,8 @@ def train(config, overrides, results_dir):
 
 def test_mappo_learns_lbf(tmp_results):
     result = train("mappo", ["arch.total_timesteps=300000", "arch.num_evaluation=3",
-                             "arch.num_eval_episodes=32", "arch.num_devices=1"], tmp_results)
+                             "arch.num_eval_episodes=32", "arch.num_devices=1", "arch.absolute_metric=true",
+                             "arch.num_absolute_metric_eval_episodes=64"], tmp_results)
     returns = result.eval_returns.mean(axis=1)
     assert returns[0] < 0.4, returns  # untrained policy
     assert returns[-1] > 0.8, returns  # 300k steps are enough on this 2-agent task
@@ -52,18 +56,29 @@ def test_two_devices_keep_identical_parameters(tmp_results):
     assert obs.addressable_shards[0].data.shape[1] == 4
 
 
-def test_vmapped_seeds_differ_and_a_seed_reproduces_alone(tmp_results):
+def compiled_chunk(settings):
+    """The update chunk of ``settings`` compiled once, and its initial learner state."""
+    mesh = make_mesh(settings.num_devices)
+    env, _ = make_envs(settings)
+    system = make_ppo_system(settings, env.spec, AutoResetVecEnv(env, settings.envs_per_device))
+    state = shard_state(init_learner_states(system, env, settings), mesh, system.env_fields)
+    return make_update_chunk(system, settings, mesh, state).lower(state).compile(), state
+
+
+def test_vmapped_seeds_differ_same_seed_repeats_and_a_seed_reproduces_alone(tmp_results):
     common = ["arch.num_envs=8", "system.rollout_length=16", "arch.total_timesteps=512", "arch.num_devices=1",
               "arch.seed=3"]
-    both = train("ippo", common + ["arch.num_seeds=2"], tmp_results + "/a")
-    alone = train("ippo", common + ["arch.num_seeds=1"], tmp_results + "/b")
-    again = train("ippo", common + ["arch.num_seeds=1"], tmp_results + "/c")
-    for pair, single, repeat in zip(jax.tree.leaves(both.learner_state.params),
-                                    jax.tree.leaves(alone.learner_state.params),
-                                    jax.tree.leaves(again.learner_state.params)):
-        pair, single, repeat = np.asarray(pair), np.asarray(single), np.asarray(repeat)
-        np.testing.assert_array_equal(single, repeat)  # same seed: identical
+    chunk, state = compiled_chunk(small_settings("ippo", PPOConfig, common + ["arch.num_seeds=2"], tmp_results))
+    copy = jax.tree.map(jnp.copy, state)  # the chunk donates its input
+    both, _ = chunk(state)
+    repeat, _ = chunk(copy)
+    chunk1, state1 = compiled_chunk(small_settings("ippo", PPOConfig, common + ["arch.num_seeds=1"], tmp_results))
+    alone, _ = chunk1(state1)
+    for pair, again, single in zip(jax.tree.leaves(both.params), jax.tree.leaves(repeat.params),
+                                   jax.tree.leaves(alone.params)):
+        pair, again, single = np.asarray(pair), np.asarray(again), np.asarray(single)
+        np.testing.assert_array_equal(pair, again)  # same seed: identical
         np.testing.assert_allclose(pair[0], single[0], rtol=1e-5, atol=1e-6)  # seed 3 alone = seed 3 of two
-    first = np.concatenate([np.ravel(x[0]) for x in jax.tree.leaves(both.learner_state.params)])
-    second = np.concatenate([np.ravel(x[1]) for x in jax.tree.leaves(both.learner_state.params)])
+    first = np.concatenate([np.ravel(x[0]) for x in jax.tree.leaves(both.params)])
+    second = np.concatenate([np.ravel(x[1]) for x in jax.tree.leaves(both.params)])
     assert not np.allclose(first, second)  # different seeds, different runs

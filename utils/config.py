@@ -44,8 +44,19 @@ def _convert(key: str, value: Any, kind: Any) -> Any:
         options = typing.get_args(kind)
         if value is None and type(None) in options:
             return None
-        kind = next(k for k in options if k is not type(None))
+        kinds = [k for k in options if k is not type(None)]
+        if len(kinds) > 1:  # e.g. Union[bool, str]: the first kind the value converts to
+            for option in kinds:
+                try:
+                    return _convert(key, value, option)
+                except ConfigError:
+                    pass
+            fail(key, value, f"must be one of the types {[getattr(k, '__name__', k) for k in kinds]}")
+        kind = kinds[0]
         origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):  # a nested section, e.g. logger.checkpoint
+        require(isinstance(value, Mapping), key, value, "must be a mapping")
+        return section(kind, value, key)
     if origin is tuple:
         require(isinstance(value, (list, tuple)), key, value, "must be a list")
         (item_kind, _ellipsis) = typing.get_args(kind)

@@ -1,0 +1,151 @@
+"""Recurrent (GRU) actor and critic: pre-torso MLP -> GRU over time -> post-torso MLP -> head.
+
+Everything is time-major. Shapes: observations ``(T, B, A, F)`` (B any batch of envs), episode-start
+flags ``reset (T, B)`` (True where ``obs_t`` is the first observation of an episode: the hidden
+state is zeroed *before* the GRU consumes ``obs_t``), hidden states ``(B, A, H)``. Acting uses
+``T = 1``. The actor returns ``(hidden', head output (T, B, A, ...))`` (masked logits, or
+``(mean, log_std)``); the critic ``(hidden', values (T, B, A))``.
+
+Parameters are a dict ``{"pre", "cell", "head"}`` of three Flax modules; the time scan is a plain
+``lax.scan`` over the cell's ``apply``, so the whole network is a pure function of (params, inputs).
+Parameter sharing works as in ``networks.base``: ``shared`` (agent one-hot appended when asked) or
+``separate`` (stacked trees with a leading agent axis, applied with ``vmap`` over the agent axis).
+
+``use_gru=False`` replaces the GRU by the identity (the hidden state stays zero): the network is then
+exactly the feed-forward ``pre -> post -> head`` MLP. Tests use it to check that recurrent PPO
+reduces to feed-forward PPO.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from envs.types import EnvSpec, Observation
+from networks.base import ContinuousActor, Critic, DiscreteActor, MLPTorso, _with_agent_id
+
+
+class RecurrentActorCritic(NamedTuple):
+    init_actor: Callable[[Array], Any]  # key -> actor params
+    init_critic: Callable[[Array], Any]  # key -> critic params
+    actor: Callable[[Any, Array, Observation, Array], tuple[Array, Any]]  # (params, h, obs, reset) -> (h', out)
+    critic: Callable[[Any, Array, Observation, Array], tuple[Array, Array]]  # -> (h', values (T, B, A))
+    init_hidden: Callable[[tuple[int, ...]], Array]  # batch shape (B,) -> zeros (B, A, H)
+    hidden_size: int
+
+
+class _HeadOnTorso(nn.Module):
+    """Post-torso plus the actor or critic head (a thin wrapper so the head sees ``(x, mask)``)."""
+
+    head: nn.Module
+    is_actor: bool
+
+    @nn.compact
+    def __call__(self, x: Array, action_mask: Array) -> Any:
+        return self.head(x, action_mask) if self.is_actor else self.head(x)
+
+
+def scan_gru(cell: nn.GRUCell, cell_params: Any, hidden: Array, x: Array, reset: Array, use_gru: bool) -> tuple[Array, Array]:
+    """GRU over time with resets. hidden (..., H); x (T, ..., F); reset (T, ...) -> ((..., H), (T, ..., H))."""
+    if not use_gru:
+        return hidden, x
+
+    def step(h: Array, inputs: tuple[Array, Array]) -> tuple[Array, Array]:
+        x_t, reset_t = inputs
+        h = jnp.where(reset_t[..., None], jnp.zeros_like(h), h)
+        h, y = cell.apply(cell_params, h, x_t)
+        return h, y
+
+    return jax.lax.scan(step, hidden, (x, reset))
+
+
+def make_recurrent_actor_critic(
+    spec: EnvSpec,
+    pre_layers: Sequence[int] = (128,),
+    hidden_size: int = 128,
+    post_layers: Sequence[int] = (128,),
+    activation: str = "relu",
+    use_layer_norm: bool = False,
+    parameter_sharing: str = "shared",
+    add_agent_id: bool = True,
+    centralised_critic: bool = False,
+    use_gru: bool = True,
+) -> RecurrentActorCritic:
+    num_agents = spec.num_agents
+    shared = parameter_sharing == "shared"
+    use_id = shared and add_agent_id and not spec.implicit_agent_id
+
+    def actor_input(obs: Observation) -> Array:
+        x = obs.agents_view.astype(jnp.float32)
+        return _with_agent_id(x, num_agents) if use_id else x
+
+    def critic_input(obs: Observation) -> Array:
+        return obs.global_state.astype(jnp.float32) if centralised_critic else actor_input(obs)
+
+    if spec.action_kind == "discrete":
+        actor_head: nn.Module = DiscreteActor(MLPTorso(tuple(post_layers), activation, use_layer_norm), spec.num_actions)
+    else:
+        actor_head = ContinuousActor(MLPTorso(tuple(post_layers), activation, use_layer_norm), spec.num_actions)
+    critic_head = Critic(MLPTorso(tuple(post_layers), activation, use_layer_norm))
+
+    def build(head: nn.Module, is_actor: bool, make_input: Callable[[Observation], Array]):
+        pre = MLPTorso(tuple(pre_layers), activation, use_layer_norm)
+        cell = nn.GRUCell(features=hidden_size)
+        top = _HeadOnTorso(head, is_actor)
+        gru_out = hidden_size if use_gru else pre_layers[-1]
+
+        def init_one(key: Array, x: Array, mask: Array) -> Any:
+            """x (F,), mask (n,): one agent's parameters."""
+            k1, k2, k3 = jax.random.split(key, 3)
+            feat = pre.layer_sizes[-1]
+            return {
+                "pre": pre.init(k1, x),
+                "cell": cell.init(k2, jnp.zeros((hidden_size,)), jnp.zeros((feat,))),
+                "head": top.init(k3, jnp.zeros((gru_out,)), mask),
+            }
+
+        def apply_core(params: Any, hidden: Array, x: Array, mask: Array, reset: Array) -> tuple[Array, Any]:
+            """hidden (..., H); x (T, ..., F); mask (T, ..., n); reset (T, ...)."""
+            feat = pre.apply(params["pre"], x)
+            hidden, y = scan_gru(cell, params["cell"], hidden, feat, reset, use_gru)
+            return hidden, top.apply(params["head"], y, mask)
+
+        def init(key: Array) -> Any:
+            x = make_input(dummy_obs)  # (A, F)
+            if shared:
+                return init_one(key, x[0], dummy_obs.action_mask[0])
+            return jax.vmap(init_one)(jax.random.split(key, num_agents), x, dummy_obs.action_mask)
+
+        def apply(params: Any, hidden: Array, obs: Observation, reset: Array) -> tuple[Array, Any]:
+            x = make_input(obs)  # (T, B, A, F)
+            reset = jnp.broadcast_to(reset[..., None], x.shape[:-1])  # (T, B, A)
+            if shared:
+                return apply_core(params, hidden, x, obs.action_mask, reset)
+            return jax.vmap(apply_core, in_axes=(0, -2, -2, -2, -1), out_axes=(-2, -2 if is_actor else -1))(
+                params, hidden, x, obs.action_mask, reset
+            )
+
+        return init, apply
+
+    dummy_view = jnp.zeros((num_agents,) + tuple(spec.obs_shape), jnp.float32)
+    dummy_obs = Observation(
+        agents_view=dummy_view,
+        action_mask=jnp.ones((num_agents, spec.num_actions), bool),
+        step_count=jnp.zeros((num_agents,), jnp.int32),
+        global_state=jnp.zeros((num_agents, spec.global_state_dim), jnp.float32) if centralised_critic else None,
+    )
+    init_actor, actor_apply = build(actor_head, True, actor_input)
+    init_critic, critic_apply = build(critic_head, False, critic_input)
+
+    def critic(params: Any, hidden: Array, obs: Observation, reset: Array) -> tuple[Array, Array]:
+        hidden, value = critic_apply(params, hidden, obs, reset)
+        return hidden, value
+
+    def init_hidden(batch_shape: tuple[int, ...]) -> Array:
+        return jnp.zeros(tuple(batch_shape) + (num_agents, hidden_size), jnp.float32)
+
+    return RecurrentActorCritic(init_actor, init_critic, actor_apply, critic, init_hidden, hidden_size)

@@ -1,0 +1,26 @@
+"""CoPPO: all agents updated at once with the joint-ratio double clip (the stage engine, one stage).
+
+Agent i maximises min(r_i g A, clip(r_i g, 1±ε) A) with g = clip(Π_{j≠i} r_j, 1±ε₁) detached
+(``system.others_clip_eps`` = ε₁; A2PO repo's CoPPO: 0.1 for ε = 0.2).
+
+    python systems/coppo_anakin.py env=rware env.task=tiny-4ag
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from systems.anakin import run_from_config
+from systems.stages import StageConfig, make_stage_system, simultaneous
+
+
+def build(settings, spec, vec_env):
+    return make_stage_system(settings, spec, vec_env, simultaneous(spec.num_agents))
+
+
+@hydra.main(config_path="../configs", config_name="coppo", version_base=None)
+def main(cfg: DictConfig) -> float:
+    return run_from_config(cfg, StageConfig, build)
+
+
+if __name__ == "__main__":
+    main()

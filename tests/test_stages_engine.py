@@ -28,13 +28,14 @@ class Pick(MarlEnv):
     every agent is right and feature 3 of agent 0 exceeds 1 (both kinds of episode end occur).
     """
 
-    def __init__(self, num_agents: int, global_state: bool = True):
-        self.spec = EnvSpec(num_agents=num_agents, obs_shape=(4,), action_kind="discrete", num_actions=3,
-                            time_limit=6, global_state_dim=4 * num_agents)
+    def __init__(self, num_agents: int, continuous: bool = False):
+        self.continuous = continuous  # then: 2-d actions in [-1, 1], rewarded for matching tanh(features 0, 1)
+        self.spec = EnvSpec(num_agents=num_agents, obs_shape=(4,), action_kind="continuous" if continuous else "discrete",
+                            num_actions=2 if continuous else 3, time_limit=6, global_state_dim=4 * num_agents)
 
     def _obs(self, feats, step):
-        n = self.spec.num_agents
-        return Observation(feats, jnp.ones((n, 3), bool), jnp.full((n,), step, jnp.int32), tiled_global_state(feats))
+        n, k = self.spec.num_agents, self.spec.num_actions
+        return Observation(feats, jnp.ones((n, k), bool), jnp.full((n,), step, jnp.int32), tiled_global_state(feats))
 
     def reset(self, key):
         key, sub = jax.random.split(key)
@@ -43,7 +44,10 @@ class Pick(MarlEnv):
 
     def step(self, state, action):
         key, step, feats = state
-        right = action == jnp.argmax(feats[:, :3], axis=-1)
+        if self.continuous:
+            right = jnp.mean(jnp.square(action - jnp.tanh(feats[:, :2])), axis=-1) < 0.1
+        else:
+            right = action == jnp.argmax(feats[:, :3], axis=-1)
         key, sub = jax.random.split(key)
         new = jax.random.normal(sub, feats.shape)
         step = step + 1
@@ -57,13 +61,13 @@ SAME = ["system.ppo_epochs=2", "system.num_minibatches=2", "system.actor_lr=1e-3
         "system.gamma=0.99", "system.gae_lambda=0.95", "system.rollout_length=8", "arch.num_envs=4"]
 
 
-def run_updates(config, cls, build, overrides, num_agents, num_devices=1, updates=1, tmp="results"):
+def run_updates(config, cls, build, overrides, num_agents, num_devices=1, updates=1, tmp="results", continuous=False):
     """(initial state, state after ``updates`` updates, metrics) through the driver's update chunk."""
     steps = 8 * 4 * 2 * updates  # rollout 8 x 4 envs x 2 evaluations
     settings = small_settings(config, cls, SAME + [f"arch.num_devices={num_devices}",
                                                    f"arch.total_timesteps={steps}"] + overrides, tmp)
     assert settings.num_updates_per_eval == updates
-    env = Pick(num_agents)
+    env = Pick(num_agents, continuous)
     mesh = make_mesh(num_devices)
     system = build(settings, env.spec, AutoResetVecEnv(env, settings.envs_per_device))
     state = init_learner_states(system, env, settings)
@@ -126,14 +130,15 @@ def test_agents_outside_the_stages_stay_bit_identical(tmp_results):
             assert not np.array_equal(new[:, 0], old[:, 0]) and not np.array_equal(new[:, 1], old[:, 1]), tree
 
 
-@pytest.mark.parametrize("config,cls,build,sharing", [
-    ("a2po", a2po_anakin.A2POConfig, a2po_anakin.build, "separate"),  # semi-greedy, PreOPC, gather
-    ("a2po", a2po_anakin.A2POConfig, a2po_anakin.build, "shared"),  # cumulative blocks, masked loss
+@pytest.mark.parametrize("sharing,continuous", [
+    ("separate", False),  # semi-greedy order, PreOPC, gather/scatter, categorical actions
+    ("shared", True),  # cumulative blocks, masked loss, shared critic re-evaluated, tanh-Gaussian actions
 ])
-def test_two_devices_run_the_same_schedule(tmp_results, config, cls, build, sharing):
+def test_two_devices_run_the_same_schedule(tmp_results, sharing, continuous):
     assert jax.device_count() == 2
-    _, after, metrics = run_updates(config, cls, build, [f"network.parameter_sharing={sharing}"], 4,
-                                    num_devices=2, updates=2, tmp=tmp_results)
+    _, after, metrics = run_updates("a2po", a2po_anakin.A2POConfig, a2po_anakin.build,
+                                    [f"network.parameter_sharing={sharing}"], 4, num_devices=2, updates=2,
+                                    tmp=tmp_results, continuous=continuous)
     for leaf in jax.tree.leaves((after.params, after.opt_states)):
         shards = [np.asarray(s.data) for s in leaf.addressable_shards]
         np.testing.assert_array_equal(shards[0], shards[1])

@@ -151,6 +151,18 @@ def rollout(
 # ----------------------------------------------------------------------------------------------
 # Advantages
 # ----------------------------------------------------------------------------------------------
+def reverse_trace_sum(delta: Array, trace: Array) -> Array:
+    """A_t = δ_t + c_t A_{t+1} over time (axis 0) with A_T = 0: the backward pass of GAE and PreOPC."""
+
+    def backward(next_adv: Array, inputs: tuple[Array, Array]) -> tuple[Array, Array]:
+        delta_t, trace_t = inputs
+        adv = delta_t + trace_t * next_adv
+        return adv, adv
+
+    _, advantages = jax.lax.scan(backward, jnp.zeros_like(delta[0]), (delta, trace), reverse=True, unroll=16)
+    return advantages
+
+
 def gae(
     reward: Array,
     value: Array,
@@ -170,14 +182,7 @@ def gae(
     delta = reward + gamma * discount * next_value - value
     trace = gamma * gae_lambda * (1.0 - done)
 
-    def backward(next_adv: Array, inputs: tuple[Array, Array]) -> tuple[Array, Array]:
-        delta_t, trace_t = inputs
-        adv = delta_t + trace_t * next_adv
-        return adv, adv
-
-    _, advantages = jax.lax.scan(
-        backward, jnp.zeros_like(delta[0]), (delta, trace), reverse=True, unroll=16
-    )
+    advantages = reverse_trace_sum(delta, trace)
     return advantages, advantages + value
 
 

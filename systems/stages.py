@@ -67,6 +67,7 @@ from systems.ppo import (
     make_optimiser,
     minibatches,
     ppo_clip_loss,
+    reverse_trace_sum,
     rollout,
 )
 from utils.config import one_of, positive, require
@@ -217,14 +218,7 @@ def preopc(
     delta = reward + gamma * discount * next_value - value
     trace = gamma * gae_lambda * (1.0 - done) * next_rho
 
-    def backward(next_adv: Array, inputs: tuple[Array, Array]) -> tuple[Array, Array]:
-        delta_t, trace_t = inputs
-        adv = delta_t + trace_t * next_adv
-        return adv, adv
-
-    _, advantages = jax.lax.scan(
-        backward, jnp.zeros_like(delta[0]), (delta, trace), reverse=True, unroll=16
-    )
+    advantages = reverse_trace_sum(delta, trace)
     return advantages, advantages + value
 
 

@@ -145,6 +145,11 @@ def make_actor_critic(
             return actor_net.apply(params, actor_input(obs), obs.action_mask)
 
         def critic(params: Any, obs: Observation) -> Array:
+            if centralised_critic:
+                # The global state is tiled per agent (env contract) and carries no agent id, so
+                # V(s) is the same for every agent: evaluate it once and broadcast over A.
+                value = critic_net.apply(params, critic_input(obs)[..., 0, :])  # (...,)
+                return jnp.broadcast_to(value[..., None], obs.global_state.shape[:-1])  # (..., A)
             return critic_net.apply(params, critic_input(obs))
 
     else:

@@ -107,6 +107,8 @@ def check_timestep(ts: Any, spec: envs.EnvSpec, batch: tuple[int, ...]) -> None:
         assert value.shape == shape, (name, value.shape, shape)
         assert value.dtype == dtype, (name, value.dtype, dtype)
     assert np.isfinite(obs.agents_view).all() and np.isfinite(obs.global_state).all()
+    # Contract: the global state is tiled, the same for every agent (MAPPO evaluates V(s) once).
+    np.testing.assert_array_equal(obs.global_state, np.repeat(obs.global_state[..., :1, :], num_agents, -2))
     assert obs.action_mask.any(axis=-1).all(), "every agent needs a legal action"
 
 

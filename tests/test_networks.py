@@ -61,3 +61,18 @@ def test_centralised_critic_reads_the_global_state():
     v2 = nets.critic(params, obs._replace(agents_view=obs.agents_view * 0))
     np.testing.assert_allclose(v, v2)  # agents_view does not enter the centralised critic
     np.testing.assert_allclose(v[:, 0], v[:, 1], rtol=1e-6)  # same state, same value
+
+
+def test_centralised_critic_evaluated_once_equals_per_agent_evaluation():
+    """V(s) is computed on agent 0's copy of the tiled state; it must equal evaluating every copy."""
+    from networks.base import Critic, MLPTorso
+
+    nets = make_actor_critic(SPEC, centralised_critic=True)
+    params = nets.init_critic(jax.random.PRNGKey(0))
+    obs = obs_batch((5, 7))
+    per_agent = Critic(MLPTorso((128, 128))).apply(params, obs.global_state)  # (5, 7, 3) every copy
+    np.testing.assert_allclose(nets.critic(params, obs), per_agent, rtol=1e-6, atol=1e-6)
+    grad_once = jax.grad(lambda p: jnp.sum(nets.critic(p, obs) ** 2))(params)
+    grad_each = jax.grad(lambda p: jnp.sum(Critic(MLPTorso((128, 128))).apply(p, obs.global_state) ** 2))(params)
+    for a, b in zip(jax.tree.leaves(grad_once), jax.tree.leaves(grad_each)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -5,8 +5,12 @@ GAE + 4 epochs x 2 minibatches, Mava's ff_mappo hyperparameters) and steps/s of 
 stepped with random legal actions through the same auto-reset (the ceiling). Compile time is
 measured separately and excluded from steps/s. Medians over repeats.
 
-    python benchmarks/throughput.py            # full table (about 20 minutes on 2 CPU cores)
-    python benchmarks/throughput.py --quick    # one size, fewer repeats
+    python benchmarks/throughput.py            # full table (about 35 minutes on 2 CPU cores)
+    python benchmarks/throughput.py --quick    # 128 envs only, fewer repeats
+    python benchmarks/throughput.py --tasks smax/3m --envs 256 --devices 1
+
+Tasks: rware tiny-2ag, lbf 8x8-2p-2f-coop, con-5x5x3a at 128/512/1024 envs; with the jaxmarl extra
+also smax 3m, 2s3z and mpe simple_spread_3ag (continuous) at the smallest and largest env count.
 
 Writes benchmarks/results/throughput.{json,md}. Two CPU devices come from
 XLA_FLAGS=--xla_force_host_platform_device_count=2 (set here unless XLA_FLAGS is already set).
@@ -15,6 +19,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 (set here unless XLA_FLAGS is
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -38,6 +43,8 @@ from utils.devices import DEVICE_AXIS, make_mesh  # noqa: E402
 from utils.logging import atomic_write_text  # noqa: E402
 
 TASKS = [("rware", "tiny-2ag"), ("lbf", "8x8-2p-2f-coop"), ("connector", "con-5x5x3a")]
+# JaxMARL tasks (optional extra ``.[jaxmarl]``): SMAX with heuristic enemies, MPE continuous actions.
+JAXMARL_TASKS = [("smax", "3m"), ("smax", "2s3z"), ("mpe", "simple_spread_3ag")]
 # Mava ff_mappo on this machine (joint env steps/s, Mava's defaults, 128 envs x update batch 2).
 MAVA_REFERENCE = {("rware", 1): 10_900, ("lbf", 1): 18_000, ("rware", 2): 18_200, ("lbf", 2): 26_700}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -82,6 +89,14 @@ def training_throughput(settings, repeats: int) -> dict:
     return {"steps_per_second": settings.steps_per_chunk / median, "compile_seconds": compile_s}
 
 
+def random_action(spec, action_mask: jax.Array, key: jax.Array) -> jax.Array:
+    """Uniform legal discrete actions (E, A), or uniform continuous actions (E, A, d) in bounds."""
+    if spec.action_kind == "discrete":
+        return jax.random.categorical(key, jnp.where(action_mask, 0.0, -1e9))
+    shape = action_mask.shape[:-1] + (spec.num_actions,)
+    return jax.random.uniform(key, shape, minval=spec.action_low, maxval=spec.action_high)
+
+
 def env_only_throughput(settings, repeats: int) -> float:
     """Same envs, same batch and auto-reset, random legal actions: the training loop's ceiling."""
     mesh = make_mesh(settings.num_devices)
@@ -95,8 +110,7 @@ def env_only_throughput(settings, repeats: int) -> float:
         def step(carry, k):
             env_state, timestep = carry
             act_key, reset_key = jax.random.split(k)
-            logits = jnp.where(timestep.observation.action_mask, 0.0, -1e9)
-            action = jax.random.categorical(act_key, logits)
+            action = random_action(vec_env.spec, timestep.observation.action_mask, act_key)
             env_state, timestep, _ = vec_env.step(env_state, action, reset_key)
             return (env_state, timestep), None
 
@@ -138,15 +152,25 @@ def main() -> None:
     parser.add_argument("--envs", type=int, nargs="*", default=None, help="env counts (default 128 512 1024)")
     parser.add_argument("--devices", type=int, nargs="*", default=None, help="device counts (default 1 2)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--tasks", nargs="*", default=None,
+                        help="env/task pairs such as smax/3m (default: the Jumanji three, then the JaxMARL "
+                             "three where jaxmarl is installed; these at the smallest and largest env count)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     env_counts = args.envs or ([128] if args.quick else [128, 512, 1024])
     device_counts = [d for d in (args.devices or [1, 2]) if d <= jax.device_count()]
     repeats = args.repeats or (2 if args.quick else 3)
 
+    if args.tasks:
+        plan = [(tuple(t.split("/", 1)), env_counts) for t in args.tasks]
+    else:
+        plan = [(t, env_counts) for t in TASKS]
+        if importlib.util.find_spec("jaxmarl") is not None:
+            plan += [(t, sorted({env_counts[0], env_counts[-1]})) for t in JAXMARL_TASKS]
+
     rows = []
-    for env, task in TASKS:
-        for num_envs in env_counts:
+    for (env, task), sizes in plan:
+        for num_envs in sizes:
             for devices in device_counts:
                 updates = max(1, 512 // num_envs)  # about 64k-128k env steps per timed call
                 row = {"env": env, "task": task, "num_envs": num_envs, "devices": devices}
@@ -158,7 +182,8 @@ def main() -> None:
                 print(markdown([row]).splitlines()[-1], flush=True)
 
     table = markdown(rows)
-    command = "python benchmarks/throughput.py" + (" --quick" if args.quick else "")
+    shown = [a for i, a in enumerate(sys.argv[1:]) if not (a == "--out" or sys.argv[i] == "--out")]
+    command = " ".join(["python benchmarks/throughput.py", *shown])
     meta = {"command": command, "jax": jax.__version__, "backend": jax.default_backend(),
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "repeats": repeats,
             "mava_reference": {f"{k[0]}@{k[1]}dev": v for k, v in MAVA_REFERENCE.items()}}

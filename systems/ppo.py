@@ -3,6 +3,10 @@
 Shapes (per device, per seed): T rollout steps, E envs on this device, A agents.
 Trajectories keep the agent axis: ``(T, E, A, ...)``; minibatches shuffle ``(T*E)`` but never agents.
 Gradients are averaged over the ``device`` mesh axis, so all devices keep identical parameters.
+
+Updates see the networks through a ``PolicyModel`` (collect a rollout, apply actor and critic to
+``(T, E, A, ...)`` inputs, cut minibatches): ``feed_forward_model`` here, ``recurrent_model`` in
+``systems.rec_ppo``. The same PPO update and the stage engine run either.
 """
 
 from __future__ import annotations
@@ -149,6 +153,52 @@ def rollout(
 
 
 # ----------------------------------------------------------------------------------------------
+# Policy models: how an update runs its networks
+# ----------------------------------------------------------------------------------------------
+class Collected(NamedTuple):
+    """One rollout as an update sees it."""
+
+    state: Any  # the learner state with its env fields (and hidden states) advanced
+    traj: Any  # (T, E, A) action, log_prob, value, next_value, reward, discount; done (T, E)
+    inputs: Any  # (T, E, A, ...) network inputs of the rollout
+    extended: Any  # (T+1, E, A, ...) the same plus the post-rollout observation (PreOPC's V(s_{t+1}))
+    episodes: EpisodeStats
+
+
+class PolicyModel(NamedTuple):
+    collect: Callable[[Any, Array], Collected]  # (learner state, rollout key) -> Collected
+    actor: Callable[[Any, Any], Any]  # (actor params, inputs (T', B, A', ...)) -> head output
+    critic: Callable[[Any, Any], Array]  # (critic params, inputs) -> values (T', B, A')
+    minibatches: Callable[[Any, Array, int], Any]  # (batch, key, M) -> M stacked minibatches
+
+
+def append_time(x: Array, last: Array) -> Array:
+    """(T, ...) and (...) -> (T+1, ...)."""
+    return jnp.concatenate([x, last[None]])
+
+
+def feed_forward_model(nets: ActorCritic, spec: EnvSpec, vec_env: AutoResetVecEnv, length: int) -> PolicyModel:
+    """Inputs are observations; minibatches shuffle (time, env) samples (``minibatches``)."""
+
+    def collect(state: Any, key: Array) -> Collected:
+        env_state, timestep, traj, episodes = rollout(
+            nets, spec, vec_env, state.params, state.env_state, state.timestep, key, length
+        )
+        extended = jax.tree.map(append_time, traj.obs, timestep.observation)
+        return Collected(state._replace(env_state=env_state, timestep=timestep), traj, traj.obs, extended, episodes)
+
+    return PolicyModel(collect, nets.actor, nets.critic, minibatches)
+
+
+def update_keys(key: Array) -> tuple[Array, Array, Array]:
+    """(next learner key, rollout key, epoch key). The learner key stays identical on every device;
+    the rollout and minibatch-shuffle streams fold in the device index."""
+    key, rollout_key, epoch_key = jax.random.split(key, 3)
+    device = jax.lax.axis_index(DEVICE_AXIS)
+    return key, jax.random.fold_in(rollout_key, device), jax.random.fold_in(epoch_key, device)
+
+
+# ----------------------------------------------------------------------------------------------
 # Advantages
 # ----------------------------------------------------------------------------------------------
 def reverse_trace_sum(delta: Array, trace: Array) -> Array:
@@ -219,9 +269,10 @@ def make_optimiser(lr: float, max_grad_norm: float, decay_steps: int | None) -> 
 # The PPO update (all agents at once): IPPO and MAPPO
 # ----------------------------------------------------------------------------------------------
 class Batch(NamedTuple):
-    """One minibatch: (N, A, ...) where N shuffles (time, env) pairs."""
+    """(T, E, A, ...), or one minibatch: (N, A, ...) feed-forward (N shuffles (time, env) pairs),
+    (T, B, A, ...) recurrent (B shuffles envs)."""
 
-    obs: Observation
+    obs: Any  # network inputs: observations, or ``rec_ppo.SeqInputs``
     action: Array
     log_prob: Array
     value: Array
@@ -250,9 +301,10 @@ def minibatches(batch: Batch, key: Array, num_minibatches: int) -> Batch:
 
 
 def actor_loss(
-    nets: ActorCritic, spec: EnvSpec, params: Any, batch: Batch, clip_eps: float, ent_coef: float
+    actor: Callable, spec: EnvSpec, params: Any, batch: Batch, clip_eps: float, ent_coef: float
 ) -> tuple[Array, TrainMetrics]:
-    pi = make_distribution(spec, nets.actor(params, batch.obs))
+    """PPO clip loss minus the entropy bonus; ``actor(params, inputs)`` gives the head output."""
+    pi = make_distribution(spec, actor(params, batch.obs))
     log_prob = pi.log_prob(batch.action)
     loss = ppo_clip_loss(log_prob, batch.log_prob, batch.advantage, clip_eps)
     entropy = pi.entropy().mean()
@@ -267,30 +319,31 @@ def actor_loss(
     return loss - ent_coef * entropy, metrics
 
 
-def critic_loss(nets: ActorCritic, params: Any, batch: Batch, clip_eps: float, vf_coef: float) -> Array:
-    value = nets.critic(params, batch.obs)
+def critic_loss(critic: Callable, params: Any, batch: Batch, clip_eps: float, vf_coef: float) -> Array:
+    value = critic(params, batch.obs)
     return vf_coef * clipped_value_loss(value, batch.value, batch.target, clip_eps)
 
 
 def make_ppo_update(
-    nets: ActorCritic,
+    model: PolicyModel,
     spec: EnvSpec,
-    vec_env: AutoResetVecEnv,
     actor_opt: optax.GradientTransformation,
     critic_opt: optax.GradientTransformation,
     cfg: PPOConfig,
-) -> Callable[[LearnerState], tuple[LearnerState, dict[str, Array]]]:
-    """One PPO iteration for one seed on one device: rollout, GAE, ``ppo_epochs`` x minibatches."""
+) -> Callable[[Any], tuple[Any, dict[str, Array]]]:
+    """One PPO iteration for one seed on one device: rollout, GAE, ``ppo_epochs`` x minibatches.
+    Feed-forward or recurrent by ``model``; the learner state is any NamedTuple with the fields of
+    ``LearnerState`` (and whatever the model's ``collect`` advances)."""
 
     def minibatch_step(carry: tuple[Params, OptStates], batch: Batch) -> tuple[Any, TrainMetrics]:
         params, opt_states = carry
         if cfg.normalise_advantages:
             batch = batch._replace(advantage=normalise(batch.advantage))
         actor_grads, metrics = jax.grad(actor_loss, argnums=2, has_aux=True)(
-            nets, spec, params.actor, batch, cfg.clip_eps, cfg.ent_coef
+            model.actor, spec, params.actor, batch, cfg.clip_eps, cfg.ent_coef
         )
         value_loss, critic_grads = jax.value_and_grad(critic_loss, argnums=1)(
-            nets, params.critic, batch, cfg.clip_eps, cfg.vf_coef
+            model.critic, params.critic, batch, cfg.clip_eps, cfg.vf_coef
         )
         actor_grads, critic_grads, metrics, value_loss = jax.lax.pmean(
             (actor_grads, critic_grads, metrics, value_loss), DEVICE_AXIS
@@ -303,28 +356,24 @@ def make_ppo_update(
         )
         return (params, OptStates(actor_state, critic_state)), metrics._replace(value_loss=value_loss)
 
-    def epoch(carry: tuple[Params, OptStates], args: tuple[Array, Batch]) -> tuple[Any, TrainMetrics]:
-        key, batch = args[0], args[1]
-        return jax.lax.scan(minibatch_step, carry, minibatches(batch, key, cfg.num_minibatches))
-
-    def update_step(state: LearnerState) -> tuple[LearnerState, dict[str, Array]]:
-        key, rollout_key, epoch_key = jax.random.split(state.key, 3)
-        device = jax.lax.axis_index(DEVICE_AXIS)
-        rollout_key, epoch_key = jax.random.fold_in(rollout_key, device), jax.random.fold_in(epoch_key, device)
-
-        env_state, timestep, traj, episodes = rollout(
-            nets, spec, vec_env, state.params, state.env_state, state.timestep, rollout_key, cfg.rollout_length
-        )
+    def update_step(state: Any) -> tuple[Any, dict[str, Array]]:
+        key, rollout_key, epoch_key = update_keys(state.key)
+        collected = model.collect(state, rollout_key)
+        traj = collected.traj
         advantages, targets = gae(
             traj.reward, traj.value, traj.next_value, traj.discount, traj.done, cfg.gamma, cfg.gae_lambda
         )
-        batch = Batch(traj.obs, traj.action, traj.log_prob, traj.value, advantages, targets)
-        epoch_keys = jax.random.split(epoch_key, cfg.ppo_epochs)
+        batch = Batch(collected.inputs, traj.action, traj.log_prob, traj.value, advantages, targets)
+
+        def epoch(carry: tuple[Params, OptStates], epoch_key: Array) -> tuple[Any, TrainMetrics]:
+            return jax.lax.scan(minibatch_step, carry, model.minibatches(batch, epoch_key, cfg.num_minibatches))
+
         (params, opt_states), metrics = jax.lax.scan(
-            lambda carry, k: epoch(carry, (k, batch)), (state.params, state.opt_states), epoch_keys
+            epoch, (state.params, state.opt_states), jax.random.split(epoch_key, cfg.ppo_epochs)
         )
-        episodes = jax.lax.psum(episodes, DEVICE_AXIS)
-        new_state = LearnerState(params, opt_states, key, env_state, timestep, state.update_count + 1)
+        episodes = jax.lax.psum(collected.episodes, DEVICE_AXIS)
+        new_state = collected.state._replace(params=params, opt_states=opt_states, key=key,
+                                             update_count=state.update_count + 1)
         return new_state, {**jax.tree.map(jnp.mean, metrics._asdict()), **episodes._asdict()}
 
     return update_step
@@ -336,7 +385,7 @@ def make_ppo_update(
 def make_networks(settings: Any, spec: EnvSpec) -> ActorCritic:
     net = settings.network
     require(net.kind == "ff", "network.kind", net.kind,
-            "this system has feed-forward networks only (network.kind=rnn: ippo/mappo)")
+            "feed-forward networks here; recurrent ones come from systems.rec_ppo.make_rec_networks")
     return make_actor_critic(
         spec,
         actor_layers=net.actor_layers,
@@ -388,7 +437,8 @@ def make_ppo_system(settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv) -> A
     actor_opt, critic_opt = make_optimisers(settings)
     return System(
         init=lambda key, env_state, timestep: init_learner_state(nets, actor_opt, critic_opt, key, env_state, timestep),
-        update_step=make_ppo_update(nets, spec, vec_env, actor_opt, critic_opt, settings.system),
+        update_step=make_ppo_update(feed_forward_model(nets, spec, vec_env, settings.system.rollout_length), spec,
+                                    actor_opt, critic_opt, settings.system),
         act=make_act_fn(nets, spec),
         init_actor_state=lambda num_envs: None,
         eval_params=lambda state: state.params.actor,

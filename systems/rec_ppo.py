@@ -1,6 +1,7 @@
 """Recurrent IPPO / MAPPO (``network.kind=rnn``): GRU actor and critic, sequence minibatches.
 
-Differences from ``systems.ppo`` (whose losses, GAE and optimisers are reused unchanged):
+Differences from feed-forward PPO (the update itself is ``systems.ppo.make_ppo_update`` run with
+``recurrent_model``; the stage engine runs it too):
 
 - The learner state carries the actor's and critic's hidden states ``(E, A, H)``; they are env
   fields (sharded over devices with the envs).
@@ -10,7 +11,8 @@ Differences from ``systems.ppo`` (whose losses, GAE and optimisers are reused un
   the bootstrap continues the critic's hidden state without a reset.
 - Training: each env's whole rollout is one sequence (Mava's default chunk = rollout_length). Envs
   are shuffled, time order is kept: minibatches are ``(T, E/M, A, ...)`` and every sequence is re-run
-  from its stored initial hidden state (stale hidden states, no burn-in, as in Mava).
+  from its stored initial hidden state (stale hidden states, no burn-in, as in Mava). ``SeqInputs``
+  lays the hidden states out with a time axis of length 1 so every input leaf is ``(T', E, A, ...)``.
 """
 
 from __future__ import annotations
@@ -27,17 +29,14 @@ from envs.vector import AutoResetVecEnv, VecState
 from networks import env_action, make_distribution
 from networks.recurrent import RecurrentActorCritic, make_recurrent_actor_critic
 from systems.ppo import (
-    DEVICE_AXIS,
+    Collected,
     EpisodeStats,
     OptStates,
     Params,
-    PPOConfig,
-    TrainMetrics,
-    clipped_value_loss,
-    gae,
+    PolicyModel,
+    append_time,
     make_optimisers,
-    normalise,
-    ppo_clip_loss,
+    make_ppo_update,
 )
 from utils.config import require
 
@@ -70,19 +69,6 @@ class RecTransition(NamedTuple):
     reward: Array  # (T, E, A)
     discount: Array  # (T, E, A)
     done: Array  # (T, E)
-
-
-class SeqBatch(NamedTuple):
-    """Time-major sequences: (T, B, A, ...); hidden (B, A, H) at each sequence's start."""
-
-    obs: Observation
-    reset: Array
-    action: Array
-    log_prob: Array
-    value: Array
-    advantage: Array
-    target: Array
-    hidden: HiddenStates
 
 
 def episode_start(timestep: TimeStep) -> Array:
@@ -130,90 +116,57 @@ def rec_rollout(
     return env_state, timestep, hidden, traj, jax.tree.map(jnp.sum, stats)
 
 
-def sequence_minibatches(batch: SeqBatch, key: Array, num_minibatches: int) -> SeqBatch:
-    """Shuffles envs, keeps time: (T, E, ...) -> (M, T, E/M, ...); hidden (E, ...) -> (M, E/M, ...)."""
-    num_envs = batch.reset.shape[1]
+class SeqInputs(NamedTuple):
+    """Recurrent network inputs, every leaf laid out (T', E, A, ...) like an observation, so agent
+    gathers (axis 2) and env shuffles (axis 1) treat all of it alike: the hidden states at the
+    sequence starts carry a time axis of length 1."""
+
+    obs: Observation  # (T, E, A, ...)
+    reset: Array  # (T, E, A) bool: obs_t starts an episode (the same for every agent)
+    actor_hidden: Array  # (1, E, A, H)
+    critic_hidden: Array  # (1, E, A, H)
+
+
+def sequence_minibatches(batch: Any, key: Array, num_minibatches: int) -> Any:
+    """Shuffles envs (axis 1), keeps time: every leaf (T', E, ...) -> (M, T', E/M, ...)."""
+    num_envs = batch.action.shape[1]
     perm = jax.random.permutation(key, num_envs)
     size = num_envs // num_minibatches
 
-    def split_time_major(x: Array) -> Array:
+    def split(x: Array) -> Array:
         x = x[:, perm]
-        x = x.reshape((x.shape[0], num_minibatches, size) + x.shape[2:])
-        return jnp.swapaxes(x, 0, 1)
+        return jnp.swapaxes(x.reshape((x.shape[0], num_minibatches, size) + x.shape[2:]), 0, 1)
 
-    def split_env_major(x: Array) -> Array:
-        return x[perm].reshape((num_minibatches, size) + x.shape[1:])
-
-    hidden = jax.tree.map(split_env_major, batch.hidden)
-    rest = jax.tree.map(split_time_major, batch._replace(hidden=None))
-    return rest._replace(hidden=hidden)
+    return jax.tree.map(split, batch)
 
 
-def rec_actor_loss(nets: RecurrentActorCritic, spec: EnvSpec, params: Any, batch: SeqBatch,
-                   clip_eps: float, ent_coef: float) -> tuple[Array, TrainMetrics]:
-    _, head = nets.actor(params, batch.hidden.actor, batch.obs, batch.reset)
-    pi = make_distribution(spec, head)
-    log_prob = pi.log_prob(batch.action)
-    loss = ppo_clip_loss(log_prob, batch.log_prob, batch.advantage, clip_eps)
-    entropy = pi.entropy().mean()
-    log_ratio = log_prob - batch.log_prob
-    metrics = TrainMetrics(
-        actor_loss=loss, value_loss=jnp.zeros(()), entropy=entropy,
-        approx_kl=jnp.mean(jnp.exp(log_ratio) - 1.0 - log_ratio),
-        clip_fraction=jnp.mean(jnp.abs(jnp.exp(log_ratio) - 1.0) > clip_eps),
-    )
-    return loss - ent_coef * entropy, metrics
+def recurrent_model(nets: RecurrentActorCritic, spec: EnvSpec, vec_env: AutoResetVecEnv, length: int) -> PolicyModel:
+    """Each env's rollout is one sequence, re-run in training from its stored hidden state."""
 
-
-def rec_critic_loss(nets: RecurrentActorCritic, params: Any, batch: SeqBatch, clip_eps: float, vf_coef: float) -> Array:
-    _, value = nets.critic(params, batch.hidden.critic, batch.obs, batch.reset)
-    return vf_coef * clipped_value_loss(value, batch.value, batch.target, clip_eps)
-
-
-def make_rec_ppo_update(
-    nets: RecurrentActorCritic, spec: EnvSpec, vec_env: AutoResetVecEnv,
-    actor_opt: optax.GradientTransformation, critic_opt: optax.GradientTransformation, cfg: PPOConfig,
-) -> Callable[[RecLearnerState], tuple[RecLearnerState, dict[str, Array]]]:
-    """One recurrent PPO iteration for one seed on one device (key use mirrors ``ppo.make_ppo_update``)."""
-
-    def minibatch_step(carry: tuple[Params, OptStates], batch: SeqBatch) -> tuple[Any, TrainMetrics]:
-        params, opt_states = carry
-        if cfg.normalise_advantages:
-            batch = batch._replace(advantage=normalise(batch.advantage))
-        actor_grads, metrics = jax.grad(rec_actor_loss, argnums=2, has_aux=True)(
-            nets, spec, params.actor, batch, cfg.clip_eps, cfg.ent_coef)
-        value_loss, critic_grads = jax.value_and_grad(rec_critic_loss, argnums=1)(
-            nets, params.critic, batch, cfg.clip_eps, cfg.vf_coef)
-        actor_grads, critic_grads, metrics, value_loss = jax.lax.pmean(
-            (actor_grads, critic_grads, metrics, value_loss), DEVICE_AXIS)
-        actor_updates, actor_state = actor_opt.update(actor_grads, opt_states.actor, params.actor)
-        critic_updates, critic_state = critic_opt.update(critic_grads, opt_states.critic, params.critic)
-        params = Params(optax.apply_updates(params.actor, actor_updates),
-                        optax.apply_updates(params.critic, critic_updates))
-        return (params, OptStates(actor_state, critic_state)), metrics._replace(value_loss=value_loss)
-
-    def update_step(state: RecLearnerState) -> tuple[RecLearnerState, dict[str, Array]]:
-        key, rollout_key, epoch_key = jax.random.split(state.key, 3)
-        device = jax.lax.axis_index(DEVICE_AXIS)
-        rollout_key, epoch_key = jax.random.fold_in(rollout_key, device), jax.random.fold_in(epoch_key, device)
+    def collect(state: RecLearnerState, key: Array) -> Collected:
         env_state, timestep, hidden, traj, episodes = rec_rollout(
-            nets, spec, vec_env, state.params, state.env_state, state.timestep, state.hidden,
-            rollout_key, cfg.rollout_length)
-        advantages, targets = gae(traj.reward, traj.value, traj.next_value, traj.discount, traj.done,
-                                  cfg.gamma, cfg.gae_lambda)
-        batch = SeqBatch(traj.obs, traj.reset, traj.action, traj.log_prob, traj.value, advantages, targets,
-                         state.hidden)
+            nets, spec, vec_env, state.params, state.env_state, state.timestep, state.hidden, key, length
+        )
+        num_agents = traj.reward.shape[-1]
 
-        def epoch(carry: tuple[Params, OptStates], k: Array) -> tuple[Any, TrainMetrics]:
-            return jax.lax.scan(minibatch_step, carry, sequence_minibatches(batch, k, cfg.num_minibatches))
+        def per_agent(reset: Array) -> Array:
+            return jnp.broadcast_to(reset[..., None], reset.shape + (num_agents,))
 
-        (params, opt_states), metrics = jax.lax.scan(
-            epoch, (state.params, state.opt_states), jax.random.split(epoch_key, cfg.ppo_epochs))
-        episodes = jax.lax.psum(episodes, DEVICE_AXIS)
-        new_state = RecLearnerState(params, opt_states, key, env_state, timestep, hidden, state.update_count + 1)
-        return new_state, {**jax.tree.map(jnp.mean, metrics._asdict()), **episodes._asdict()}
+        inputs = SeqInputs(traj.obs, per_agent(traj.reset), state.hidden.actor[None], state.hidden.critic[None])
+        extended = inputs._replace(
+            obs=jax.tree.map(append_time, traj.obs, timestep.observation),
+            reset=append_time(inputs.reset, per_agent(episode_start(timestep))),
+        )
+        new_state = state._replace(env_state=env_state, timestep=timestep, hidden=hidden)
+        return Collected(new_state, traj, inputs, extended, episodes)
 
-    return update_step
+    def actor(params: Any, x: SeqInputs) -> Any:
+        return nets.actor(params, x.actor_hidden[0], x.obs, x.reset[..., 0])[1]
+
+    def critic(params: Any, x: SeqInputs) -> Array:
+        return nets.critic(params, x.critic_hidden[0], x.obs, x.reset[..., 0])[1]
+
+    return PolicyModel(collect, actor, critic, sequence_minibatches)
 
 
 def make_rec_act_fn(nets: RecurrentActorCritic, spec: EnvSpec) -> Callable:
@@ -259,7 +212,8 @@ def make_rec_ppo_system(settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv, 
     actor_opt, critic_opt = make_optimisers(settings)
     return System(
         init=lambda key, env_state, timestep: init_rec_learner_state(nets, actor_opt, critic_opt, key, env_state, timestep),
-        update_step=make_rec_ppo_update(nets, spec, vec_env, actor_opt, critic_opt, settings.system),
+        update_step=make_ppo_update(recurrent_model(nets, spec, vec_env, settings.system.rollout_length), spec,
+                                    actor_opt, critic_opt, settings.system),
         act=make_rec_act_fn(nets, spec),
         init_actor_state=lambda num_envs: nets.init_hidden((num_envs,)),
         eval_params=lambda state: state.params.actor,

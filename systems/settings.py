@@ -59,7 +59,7 @@ class NetworkConfig:
     use_layer_norm: bool = False
     parameter_sharing: str = "shared"
     add_agent_id: bool = True
-    # kind=rnn (recurrent IPPO/MAPPO): pre-torso -> GRU -> post-torso, for the actor and the critic
+    # kind=rnn (every PPO-family system): pre-torso -> GRU -> post-torso, for the actor and the critic
     rnn_pre_layers: tuple[int, ...] = (128,)
     rnn_hidden_size: int = 128
     rnn_post_layers: tuple[int, ...] = (128,)

@@ -33,6 +33,10 @@ Either way non-members stay bit-identical. With separate parameters each agent's
 mean (so a stage's gradient for agent i does not depend on who else is in the stage); with shared
 parameters the loss is the mean over all member samples.
 
+Networks. The engine reaches them through a ``ppo.PolicyModel``: feed-forward (``network=mlp``) or
+recurrent GRU actors and critics (``network=rnn``: stored hidden states, sequence minibatches that
+shuffle envs and keep time). Agent gathers work on axis 2 of every input leaf either way.
+
 Replicas. The schedule's key is the learner's key (identical on every device; per-device streams
 fold in the device index only for rollouts and minibatch shuffles) and its statistics (semi-greedy
 scores) are ``pmean``-ed over the ``device`` axis, so every device runs the same schedule.
@@ -52,23 +56,30 @@ from jax import Array
 
 from envs.types import EnvSpec
 from envs.vector import AutoResetVecEnv
-from networks import ActorCritic, make_distribution
+from networks import make_distribution
 from systems.ppo import (
     DEVICE_AXIS,
-    LearnerState,
     OptStates,
     Params,
+    PolicyModel,
     PPOConfig,
     TrainMetrics,
+    feed_forward_model,
     gae,
     init_learner_state,
     make_act_fn,
     make_networks,
     make_optimiser,
-    minibatches,
     ppo_clip_loss,
     reverse_trace_sum,
-    rollout,
+    update_keys,
+)
+from systems.rec_ppo import (
+    REC_ENV_FIELDS,
+    init_rec_learner_state,
+    make_rec_act_fn,
+    make_rec_networks,
+    recurrent_model,
 )
 from utils.config import one_of, positive, require
 
@@ -226,9 +237,10 @@ def preopc(
 # Losses (x: (N, A') per sample and agent; w: (A',) member weights or None = all)
 # ----------------------------------------------------------------------------------------------
 class StageBatch(NamedTuple):
-    """(T, E, A', ...) or one minibatch (N, A', ...) of a stage's local agents."""
+    """(T, E, A', ...) or one minibatch ((N, A', ...) feed-forward, (T, B, A', ...) recurrent) of a
+    stage's local agents."""
 
-    obs: Any
+    obs: Any  # network inputs: observations, or ``rec_ppo.SeqInputs``
     action: Array
     log_prob: Array  # behaviour log-probability
     value: Array  # the value the critic's clipping is anchored at
@@ -247,8 +259,9 @@ def loss_scale(w: Optional[Array], num_local: int, separate: bool) -> Array | fl
 def weighted_normalise(x: Array, w: Optional[Array], separate: bool, eps: float = 1e-8) -> Array:
     """Advantage normalisation over member samples: per agent (separate) or jointly (shared)."""
     if separate:
-        mean = x.mean(axis=0)
-        return (x - mean) / (jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=0)) + eps)
+        samples = tuple(range(x.ndim - 1))  # every axis but the agent axis
+        mean = x.mean(axis=samples)
+        return (x - mean) / (jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=samples)) + eps)
     if w is None:
         return (x - x.mean()) / (x.std() + eps)
     wb = jnp.broadcast_to(w, x.shape)
@@ -312,18 +325,18 @@ def select(member: Array, new: Any, old: Any) -> Any:
 # The update
 # ----------------------------------------------------------------------------------------------
 def make_stage_update(
-    nets: ActorCritic,
+    model: PolicyModel,
     spec: EnvSpec,
-    vec_env: AutoResetVecEnv,
     actor_opt: optax.GradientTransformation,
     critic_opt: optax.GradientTransformation,
     cfg: StageConfig,
     plan: Plan,
     separate: bool,
-) -> Callable[[LearnerState], tuple[LearnerState, dict[str, Array]]]:
+) -> Callable[[Any], tuple[Any, dict[str, Array]]]:
     """One iteration for one seed on one device: rollout, GAE, schedule, scan over stages, critic.
 
-    With separate parameters ``actor_opt``/``critic_opt`` must be per-agent (``per_agent``).
+    ``model`` runs the networks (``ppo.feed_forward_model`` or ``rec_ppo.recurrent_model``). With
+    separate parameters ``actor_opt``/``critic_opt`` must be per-agent (``per_agent``).
     """
     num_agents = spec.num_agents
     num_stages = plan.num_stages
@@ -334,15 +347,15 @@ def make_stage_update(
     others_eps = cfg.others_clip_eps if cfg.others_clip_eps is not None else cfg.clip_eps / 2
     critic_in_stage = cfg.critic_update == "stage"
 
-    def log_prob_of(actor_params: Any, obs: Any, action: Array) -> Array:
-        return make_distribution(spec, nets.actor(actor_params, obs)).log_prob(action)
+    def log_prob_of(actor_params: Any, inputs: Any, action: Array) -> Array:
+        return make_distribution(spec, model.actor(actor_params, inputs)).log_prob(action)
 
     def make_minibatch_step(w: Optional[Array], member: Optional[Array], clip: Any, num_local: int,
                             update_actor: bool, update_critic: bool) -> Callable:
         scale = loss_scale(w, num_local, separate)
 
         def actor_loss(actor_params: Any, batch: StageBatch) -> tuple[Array, TrainMetrics]:
-            pi = make_distribution(spec, nets.actor(actor_params, batch.obs))
+            pi = make_distribution(spec, model.actor(actor_params, batch.obs))
             log_prob = pi.log_prob(batch.action)
             advantage = batch.advantage
             if cfg.normalise_advantages:
@@ -368,7 +381,7 @@ def make_stage_update(
             return loss - cfg.ent_coef * entropy, metrics
 
         def critic_loss(critic_params: Any, batch: StageBatch) -> Array:
-            value = nets.critic(critic_params, batch.obs)
+            value = model.critic(critic_params, batch.obs)
             clipped = batch.value + jnp.clip(value - batch.value, -cfg.clip_eps, cfg.clip_eps)
             err = jnp.maximum(jnp.square(value - batch.target), jnp.square(clipped - batch.target))
             if w is not None:
@@ -406,30 +419,25 @@ def make_stage_update(
     def train(params: Params, opt_states: OptStates, batch: StageBatch, key: Array, num_epochs: int,
               step: Callable) -> tuple[Params, OptStates, TrainMetrics]:
         def epoch(carry: Any, epoch_key: Array) -> tuple[Any, TrainMetrics]:
-            return jax.lax.scan(step, carry, minibatches(batch, epoch_key, cfg.num_minibatches))
+            return jax.lax.scan(step, carry, model.minibatches(batch, epoch_key, cfg.num_minibatches))
 
         (params, opt_states), metrics = jax.lax.scan(
             epoch, (params, opt_states), jax.random.split(key, num_epochs)
         )
         return params, opt_states, metrics
 
-    def update_step(state: LearnerState) -> tuple[LearnerState, dict[str, Array]]:
-        key, rollout_key, epoch_key = jax.random.split(state.key, 3)
+    def update_step(state: Any) -> tuple[Any, dict[str, Array]]:
+        key, rollout_key, epoch_key = update_keys(state.key)
         schedule_key = jax.random.fold_in(key, 0x5CED)  # shared by every device
-        device = jax.lax.axis_index(DEVICE_AXIS)
-        rollout_key, epoch_key = jax.random.fold_in(rollout_key, device), jax.random.fold_in(epoch_key, device)
 
-        env_state, timestep, traj, episodes = rollout(
-            nets, spec, vec_env, state.params, state.env_state, state.timestep, rollout_key, cfg.rollout_length
-        )
+        collected = model.collect(state, rollout_key)
+        traj = collected.traj
         gae_adv, gae_target = gae(
             traj.reward, traj.value, traj.next_value, traj.discount, traj.done, cfg.gamma, cfg.gae_lambda
         )
         schedule = schedule_of(plan, schedule_key, gae_adv)
         clip_all = (adaptive_clip(cfg.clip_eps, cfg.adaptive_clip_c, schedule.position, num_agents)
                     if cfg.adaptive_clip else None)
-        # V(s_{t+1}) inputs for PreOPC with the current critic: obs[1:] and the post-rollout obs.
-        final_obs = jax.tree.map(lambda x: x[None], timestep.observation)
 
         def stage_body(carry: tuple[Params, OptStates, Array], l: Array) -> tuple[Any, TrainMetrics]:
             params, opt_states, logp_cur = carry
@@ -440,8 +448,8 @@ def make_stage_update(
             joint = prec_terms.sum(axis=-1)  # (T, E): PreOPC's preceding log-ratio
             factor_log = jax.lax.stop_gradient(joint[..., None] - prec_terms)  # excluding the agent itself
 
-            data = (traj.obs, traj.action, traj.log_prob, traj.value, traj.next_value, traj.reward,
-                    traj.discount, gae_adv, gae_target, factor_log, final_obs)
+            data = (collected.inputs, traj.action, traj.log_prob, traj.value, traj.next_value, traj.reward,
+                    traj.discount, gae_adv, gae_target, factor_log, collected.extended)
             if gather:
                 agent = jnp.argmax(schedule.stage == l)
                 data = tree_slice(data, agent, axis=2)
@@ -453,14 +461,13 @@ def make_stage_update(
                 local_params, local_opt = params, opt_states
                 w, local_member, num_local = member.astype(jnp.float32), member, num_agents
                 clip = cfg.clip_eps if clip_all is None else clip_all
-            obs, action, old_logp, value, next_value, reward, discount, adv, target, factor_log, last_obs = data
+            obs, action, old_logp, value, next_value, reward, discount, adv, target, factor_log, extended = data
 
             if cfg.advantage == "preopc":
                 # Separate critics train only in their own agent's stage, so at its start they still
                 # are the rollout critic: only a shared critic needs a fresh forward (from stage 1 on).
                 if cfg.preopc_values == "current" and critic_in_stage and not separate:
-                    ext = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), obs, last_obs)
-                    current = nets.critic(local_params.critic, ext)
+                    current = model.critic(local_params.critic, extended)  # (T+1, E, A')
                     moved = l > 0
                     value = jnp.where(moved, current[:-1], value)
                     next_value = jnp.where(moved & ~traj.done.reshape(traj.done.shape + (1,)), current[1:], next_value)
@@ -484,7 +491,7 @@ def make_stage_update(
                     if gather:
                         new = log_prob_of(local_params.actor, obs, action)
                         return jax.lax.dynamic_update_slice_in_dim(logp, new, agent, axis=2)
-                    new = log_prob_of(params.actor, traj.obs, traj.action)
+                    new = log_prob_of(params.actor, collected.inputs, traj.action)
                     return jnp.where(member, new, logp) if separate else new
 
                 logp_cur = jax.lax.cond(l < num_stages - 1, refresh, lambda logp: logp, logp_cur)
@@ -496,15 +503,16 @@ def make_stage_update(
         metrics = jax.tree.map(jnp.mean, metrics)
 
         if not critic_in_stage:  # HARL's HAPPO: the critic once, after all actors, on the GAE targets
-            batch = StageBatch(traj.obs, traj.action, traj.log_prob, traj.value, gae_adv, gae_target,
+            batch = StageBatch(collected.inputs, traj.action, traj.log_prob, traj.value, gae_adv, gae_target,
                                jnp.zeros_like(traj.log_prob))
             ones = jnp.ones(num_agents, jnp.float32)
             step = make_minibatch_step(ones, None, cfg.clip_eps, num_agents, False, True)
             params, opt_states, critic_metrics = train(params, opt_states, batch, epoch_key, cfg.ppo_epochs, step)
             metrics = metrics._replace(value_loss=jnp.mean(critic_metrics.value_loss))
 
-        episodes = jax.lax.psum(episodes, DEVICE_AXIS)
-        new_state = LearnerState(params, opt_states, key, env_state, timestep, state.update_count + 1)
+        episodes = jax.lax.psum(collected.episodes, DEVICE_AXIS)
+        new_state = collected.state._replace(params=params, opt_states=opt_states, key=key,
+                                             update_count=state.update_count + 1)
         return new_state, {**metrics._asdict(), **episodes._asdict()}
 
     return update_step
@@ -531,16 +539,34 @@ def make_stage_optimisers(settings: Any, plan: Plan) -> tuple[optax.GradientTran
     return actor_opt, critic_opt
 
 
-def make_stage_system(settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv, plan: Plan) -> Any:
-    """A PPO-family ``System`` whose update is the stage engine running ``plan``."""
+def make_stage_system(settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv, plan: Plan,
+                      use_gru: bool = True) -> Any:
+    """A PPO-family ``System`` whose update is the stage engine running ``plan``; feed-forward or,
+    with ``network.kind=rnn``, recurrent networks (``use_gru=False`` bypasses the GRU, for tests)."""
     from systems.anakin import System
 
-    nets = make_networks(settings, spec)
+    cfg = settings.system
     separate = settings.network.parameter_sharing == "separate"
     actor_opt, critic_opt = make_stage_optimisers(settings, plan)
+    if settings.network.kind == "rnn":
+        require(settings.envs_per_device % cfg.num_minibatches == 0, "system.num_minibatches", cfg.num_minibatches,
+                f"must divide the envs per device ({settings.envs_per_device}) for recurrent sequence minibatches")
+        rec_nets = make_rec_networks(settings, spec, use_gru)
+        return System(
+            init=lambda key, env_state, timestep: init_rec_learner_state(
+                rec_nets, actor_opt, critic_opt, key, env_state, timestep),
+            update_step=make_stage_update(recurrent_model(rec_nets, spec, vec_env, cfg.rollout_length), spec,
+                                          actor_opt, critic_opt, cfg, plan, separate),
+            act=make_rec_act_fn(rec_nets, spec),
+            init_actor_state=lambda num_envs: rec_nets.init_hidden((num_envs,)),
+            eval_params=lambda state: state.params.actor,
+            env_fields=REC_ENV_FIELDS,
+        )
+    nets = make_networks(settings, spec)
     return System(
         init=lambda key, env_state, timestep: init_learner_state(nets, actor_opt, critic_opt, key, env_state, timestep),
-        update_step=make_stage_update(nets, spec, vec_env, actor_opt, critic_opt, settings.system, plan, separate),
+        update_step=make_stage_update(feed_forward_model(nets, spec, vec_env, cfg.rollout_length), spec,
+                                      actor_opt, critic_opt, cfg, plan, separate),
         act=make_act_fn(nets, spec),
         init_actor_state=lambda num_envs: None,
         eval_params=lambda state: state.params.actor,

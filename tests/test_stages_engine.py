@@ -3,7 +3,8 @@
 - one agent: MAPPO = HAPPO = A2PO (same parameters after two updates);
 - one stage holding every agent, GAE, no factor: exactly ``ppo.make_ppo_update``;
 - agents outside a stage keep bit-identical parameters and optimiser states;
-- on two devices every replica runs the same schedule (parameters stay identical across devices).
+- on two devices every replica runs the same schedule (parameters stay identical across devices);
+- recurrent networks with the GRU bypassed take exactly the feed-forward engine's steps.
 """
 
 import jax
@@ -130,18 +131,72 @@ def test_agents_outside_the_stages_stay_bit_identical(tmp_results):
             assert not np.array_equal(new[:, 0], old[:, 0]) and not np.array_equal(new[:, 1], old[:, 1]), tree
 
 
-@pytest.mark.parametrize("sharing,continuous", [
-    ("separate", False),  # semi-greedy order, PreOPC, gather/scatter, categorical actions
-    ("shared", True),  # cumulative blocks, masked loss, shared critic re-evaluated, tanh-Gaussian actions
+@pytest.mark.parametrize("sharing,continuous,network", [
+    ("separate", False, "mlp"),  # semi-greedy order, PreOPC, gather/scatter, categorical actions
+    ("shared", True, "mlp"),  # cumulative blocks, masked loss, shared critic re-evaluated, tanh-Gaussian
+    ("separate", False, "rnn"),  # GRU: stored hidden states sharded with the envs, sequence minibatches
 ])
-def test_two_devices_run_the_same_schedule(tmp_results, sharing, continuous):
+def test_two_devices_run_the_same_schedule(tmp_results, sharing, continuous, network):
     assert jax.device_count() == 2
     _, after, metrics = run_updates("a2po", a2po_anakin.A2POConfig, a2po_anakin.build,
-                                    [f"network.parameter_sharing={sharing}"], 4, num_devices=2, updates=2,
-                                    tmp=tmp_results, continuous=continuous)
+                                    [f"network.parameter_sharing={sharing}", f"network={network}"], 4,
+                                    num_devices=2, updates=2, tmp=tmp_results, continuous=continuous)
     for leaf in jax.tree.leaves((after.params, after.opt_states)):
         shards = [np.asarray(s.data) for s in leaf.addressable_shards]
         np.testing.assert_array_equal(shards[0], shards[1])
     for name in ("actor_loss", "value_loss", "entropy", "approx_kl"):
         assert np.all(np.isfinite(np.asarray(metrics[name]))), name
     assert float(np.asarray(metrics["approx_kl"]).mean()) > 0
+
+
+def rec_to_ff(rec):
+    """Recurrent params (pre [n] -> bypassed GRU -> post [n] -> head) as the FF MLP [n, n] tree."""
+    inner = dict(rec["head"]["params"]["head"])
+    torso = {"Dense_0": rec["pre"]["params"]["Dense_0"], "Dense_1": inner["torso"]["Dense_0"]}
+    return {"params": {**inner, "torso": torso}}
+
+
+@pytest.mark.parametrize("config,sharing", [
+    ("a2po", "separate"),  # one agent per stage by gather/scatter, PreOPC on the rollout critic
+    ("a2po", "shared"),  # cumulative blocks, PreOPC on the re-evaluated shared critic (T+1 inputs)
+    ("happo", "separate"),  # HAPPO factor, critic once after all stages
+])
+def test_bypassed_gru_stage_engine_takes_the_feed_forward_steps(tmp_results, config, sharing):
+    """With the GRU replaced by the identity the recurrent engine (hidden states, sequence inputs,
+    env-shuffled minibatches) reduces to the feed-forward one with an MLP [16, 16]. One minibatch,
+    so both shufflings see the same samples; two updates of 3 agents."""
+    cls = a2po_anakin.A2POConfig if config == "a2po" else StageConfig
+    common = [o for o in SAME if not o.startswith("system.num_minibatches")] + [
+        "system.num_minibatches=1", "arch.num_devices=1", "arch.total_timesteps=128",
+        f"network.parameter_sharing={sharing}"]
+    rec_settings = small_settings(config, cls, common + [
+        "network=rnn", "network.rnn_pre_layers=[16]", "network.rnn_hidden_size=16", "network.rnn_post_layers=[16]"],
+        tmp_results)
+    ff_settings = small_settings(config, cls, common + ["network.actor_layers=[16,16]",
+                                                        "network.critic_layers=[16,16]"], tmp_results)
+    env = Pick(3)
+    vec = AutoResetVecEnv(env, rec_settings.envs_per_device)
+    if config == "a2po":
+        plan = a2po_anakin.a2po_plan(rec_settings.system, 3, sharing == "shared")
+    else:
+        plan = happo_anakin.happo_plan(3)
+    rec = make_stage_system(rec_settings, env.spec, vec, plan, use_gru=False)
+    ff = make_stage_system(ff_settings, env.spec, vec, plan)
+    rec_state, ff_state = init_learner_states(rec, env, rec_settings), init_learner_states(ff, env, ff_settings)
+    ff_state = ff_state._replace(params=type(rec_state.params)(*(jax.vmap(rec_to_ff)(p) for p in rec_state.params)))
+    rec_update = jax.jit(jax.vmap(jax.vmap(rec.update_step), axis_name="device"))  # device axis 1, seeds
+    ff_update = jax.jit(jax.vmap(jax.vmap(ff.update_step), axis_name="device"))
+    one = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
+    rec_state, ff_state = one(rec_state), one(ff_state)
+    for _ in range(2):
+        rec_state, rec_metrics = rec_update(rec_state)
+        ff_state, ff_metrics = ff_update(ff_state)
+        for name in ("actor_loss", "value_loss", "entropy", "return_sum", "count"):
+            np.testing.assert_allclose(np.asarray(rec_metrics[name]), np.asarray(ff_metrics[name]),
+                                       rtol=2e-4, atol=2e-5, err_msg=name)
+    for tree in ("actor", "critic"):
+        got = leaves(jax.vmap(jax.vmap(rec_to_ff))(getattr(rec_state.params, tree)))
+        for g, want, init in zip(got, leaves(getattr(ff_state.params, tree)),
+                                 leaves(jax.vmap(rec_to_ff)(getattr(init_learner_states(rec, env, rec_settings).params, tree)))):
+            np.testing.assert_allclose(g, want, rtol=1e-3, atol=1e-5, err_msg=tree)
+            assert not np.allclose(g[0], init), tree  # the updates moved the parameters

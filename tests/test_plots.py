@@ -1,0 +1,28 @@
+"""Comparison plots read the marl-eval JSON our runs write."""
+
+import json
+
+import numpy as np
+import pytest
+
+from utils.logging import MarlEvalJson
+from utils.plots import curves, plot_comparison
+
+
+def test_comparison_reads_every_algorithm_and_seed(tmp_path):
+    path = str(tmp_path / "results.json")
+    for algorithm, offset in (("mappo", 0.0), ("a2po", 1.0)):
+        log = MarlEvalJson(path, "lbf", "8x8", algorithm, seeds=[0, 1])
+        for k in range(3):
+            log.add(k, 100 * (k + 1), {"mean_episode_return": np.array([k + offset, k + offset + 0.5])}, 1.0)
+        log.add_absolute({"mean_episode_return": np.array([9.0, 10.0])})
+        log.write()
+    found = curves(json.load(open(path)), "lbf", "8x8", "mean_episode_return")
+    np.testing.assert_array_equal(found["mappo"][0], [100, 200, 300])
+    np.testing.assert_array_equal(found["a2po"][1], [[1.0, 1.5], [2.0, 2.5], [3.0, 3.5]])
+    lines = plot_comparison(path, "lbf", "8x8", str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    assert any(line.startswith("mappo: final mean_episode_return 2.250") and "absolute metric 9.500" in line
+               for line in lines), lines
+    with pytest.raises(SystemExit, match="lbf/8x8"):
+        curves(json.load(open(path)), "rware", "tiny-2ag", "mean_episode_return")

@@ -142,8 +142,13 @@ def make_recurrent_actor_critic(
     init_critic, critic_apply = build(critic_head, False, critic_input)
 
     def critic(params: Any, hidden: Array, obs: Observation, reset: Array) -> tuple[Array, Array]:
-        hidden, value = critic_apply(params, hidden, obs, reset)
-        return hidden, value
+        if shared and centralised_critic:
+            # The global state is tiled per agent and carries no id, so every agent's hidden state
+            # and value are the same: run agent 0's copy and broadcast (1/A of the work).
+            one = obs._replace(global_state=obs.global_state[..., :1, :], action_mask=obs.action_mask[..., :1, :])
+            new_hidden, value = critic_apply(params, hidden[..., :1, :], one, reset)
+            return jnp.broadcast_to(new_hidden, hidden.shape), jnp.broadcast_to(value, value.shape[:-1] + (num_agents,))
+        return critic_apply(params, hidden, obs, reset)
 
     def init_hidden(batch_shape: tuple[int, ...]) -> Array:
         return jnp.zeros(tuple(batch_shape) + (num_agents, hidden_size), jnp.float32)

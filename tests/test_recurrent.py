@@ -115,3 +115,26 @@ def test_recurrent_mappo_improves_on_smax_3m(tmp_results):
     returns = result.eval_returns.mean(axis=1)
     assert np.all(np.isfinite(returns))
     assert returns[-1] > returns[0] + 0.1, returns
+
+
+def test_centralised_recurrent_critic_run_once_equals_every_agent_copy():
+    """The shared centralised GRU critic runs agent 0's copy of the tiled state and broadcasts; a
+    per-agent network of the same shape (state fed as each agent's view, no id) is the reference."""
+    spec = EnvSpec(num_agents=3, obs_shape=(2,), action_kind="discrete", num_actions=4, time_limit=9,
+                   global_state_dim=6)
+    small = dict(pre_layers=(8,), hidden_size=8, post_layers=(8,))
+    nets = make_recurrent_actor_critic(spec, centralised_critic=True, **small)
+    per_agent = make_recurrent_actor_critic(
+        EnvSpec(num_agents=3, obs_shape=(6,), action_kind="discrete", num_actions=4, time_limit=9),
+        add_agent_id=False, **small)
+    params = nets.init_critic(jax.random.PRNGKey(0))
+    T, B = 5, 4
+    state = jnp.tile(jax.random.normal(jax.random.PRNGKey(1), (T, B, 1, 6)), (1, 1, 3, 1))
+    obs = Observation(jnp.zeros((T, B, 3, 2)), jnp.ones((T, B, 3, 4), bool), jnp.zeros((T, B, 3), jnp.int32), state)
+    reset = jnp.zeros((T, B), bool).at[2, 1].set(True)
+    h0 = jnp.tile(jax.random.normal(jax.random.PRNGKey(2), (B, 1, 8)), (1, 3, 1))
+    h, value = nets.critic(params, h0, obs, reset)
+    h_ref, value_ref = per_agent.critic(params, h0, obs._replace(agents_view=state, global_state=None), reset)
+    assert value.shape == (T, B, 3) and h.shape == (B, 3, 8)
+    np.testing.assert_allclose(np.asarray(value), np.asarray(value_ref), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=1e-5, atol=1e-6)

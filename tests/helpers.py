@@ -18,3 +18,18 @@ def small_settings(config: str, system_cls, overrides: list[str], results_dir: s
         f"logger.base_dir={results_dir}",
     ]
     return load_settings(compose_config(config, base + overrides), system_cls)
+
+
+def rec_to_ff(rec):
+    """Recurrent params (pre [n] -> bypassed GRU -> post [n] -> head) as the FF MLP [n, n] tree."""
+    inner = dict(rec["head"]["params"]["head"])
+    torso = {"Dense_0": rec["pre"]["params"]["Dense_0"], "Dense_1": inner["torso"]["Dense_0"]}
+    return {"params": {**inner, "torso": torso}}
+
+
+def assert_same_metrics(got, want, names=("actor_loss", "value_loss", "entropy", "return_sum", "count")):
+    """Per-update metrics of two equivalent systems agree (float tolerance)."""
+    import numpy as np
+
+    for name in names:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=2e-4, atol=2e-5, err_msg=name)

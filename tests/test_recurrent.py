@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_settings
+from helpers import assert_same_metrics, rec_to_ff, small_settings
 
 from envs.types import EnvSpec, Observation
 from envs.vector import AutoResetVecEnv
@@ -46,13 +46,6 @@ def test_reset_restarts_the_sequence(sharing):
         np.testing.assert_allclose(np.asarray(step_logits[0]), np.asarray(logits[t]), atol=1e-5)
 
 
-def rec_to_ff(rec):
-    """Maps recurrent params (pre [n] -> bypassed GRU -> post [n] -> head) onto the FF MLP [n, n] tree."""
-    inner = dict(rec["head"]["params"]["head"])
-    torso = {"Dense_0": rec["pre"]["params"]["Dense_0"], "Dense_1": inner["torso"]["Dense_0"]}
-    return {"params": {**inner, "torso": torso}}
-
-
 def test_bypassed_gru_equals_feed_forward_ppo(tmp_results, config="mappo", env="mpe", task="simple_spread_3ag"):
     """With the GRU replaced by the identity, recurrent PPO (rollout, GAE, sequence minibatches,
     losses, Adam) takes the same steps as feed-forward PPO with an MLP [16, 16]. One minibatch, so
@@ -77,9 +70,7 @@ def test_bypassed_gru_equals_feed_forward_ppo(tmp_results, config="mappo", env="
     for _ in range(2):
         ff_state, ff_metrics = ff_update(ff_state)
         rec_state, rec_metrics = rec_update(rec_state)
-        for name in ("actor_loss", "value_loss", "entropy", "return_sum", "count"):
-            np.testing.assert_allclose(np.asarray(rec_metrics[name]), np.asarray(ff_metrics[name]),
-                                       rtol=2e-4, atol=2e-5, err_msg=name)
+        assert_same_metrics(rec_metrics, ff_metrics)
     for got, want in zip(jax.tree.leaves(jax.vmap(rec_to_ff)(rec_state.params.actor)),
                          jax.tree.leaves(ff_state.params.actor)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-5)

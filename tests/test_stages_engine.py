@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_settings
+from helpers import assert_same_metrics, rec_to_ff, small_settings
 
 from envs.types import EnvSpec, MarlEnv, Observation, make_timestep, tiled_global_state
 from envs.vector import AutoResetVecEnv
@@ -149,13 +149,6 @@ def test_two_devices_run_the_same_schedule(tmp_results, sharing, continuous, net
     assert float(np.asarray(metrics["approx_kl"]).mean()) > 0
 
 
-def rec_to_ff(rec):
-    """Recurrent params (pre [n] -> bypassed GRU -> post [n] -> head) as the FF MLP [n, n] tree."""
-    inner = dict(rec["head"]["params"]["head"])
-    torso = {"Dense_0": rec["pre"]["params"]["Dense_0"], "Dense_1": inner["torso"]["Dense_0"]}
-    return {"params": {**inner, "torso": torso}}
-
-
 @pytest.mark.parametrize("config,sharing", [
     ("a2po", "separate"),  # one agent per stage by gather/scatter, PreOPC on the rollout critic
     ("a2po", "shared"),  # cumulative blocks, PreOPC on the re-evaluated shared critic (T+1 inputs)
@@ -191,9 +184,7 @@ def test_bypassed_gru_stage_engine_takes_the_feed_forward_steps(tmp_results, con
     for _ in range(2):
         rec_state, rec_metrics = rec_update(rec_state)
         ff_state, ff_metrics = ff_update(ff_state)
-        for name in ("actor_loss", "value_loss", "entropy", "return_sum", "count"):
-            np.testing.assert_allclose(np.asarray(rec_metrics[name]), np.asarray(ff_metrics[name]),
-                                       rtol=2e-4, atol=2e-5, err_msg=name)
+        assert_same_metrics(rec_metrics, ff_metrics)
     for tree in ("actor", "critic"):
         got = leaves(jax.vmap(jax.vmap(rec_to_ff))(getattr(rec_state.params, tree)))
         for g, want, init in zip(got, leaves(getattr(ff_state.params, tree)),

@@ -203,6 +203,13 @@ def plot_learning_curve(
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str) -> None:
+    """Writes a matplotlib figure atomically (temp file + rename) and closes it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from typing import Any
 
 import numpy as np
+
+from utils.logging import save_figure
 
 
 def curves(data: dict[str, Any], env: str, task: str, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -74,13 +74,7 @@ def plot_comparison(json_path: str, env: str, task: str, out: str, metric: str =
     ax.set_title(title or f"{env} {task}: mean over seeds, min-max band")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{time.time_ns()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    save_figure(fig, out)
     return lines
 
 

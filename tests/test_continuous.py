@@ -5,7 +5,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from helpers import small_settings
 from scipy.stats import norm
 
@@ -79,7 +78,6 @@ def test_env_action_is_in_bounds_and_mode_is_scaled_tanh_mean():
     assert env_action(discrete, ints) is ints
 
 
-@pytest.mark.slow
 def test_mappo_learns_mpe_simple_spread(tmp_results):
     from systems.anakin import run
     from systems.ppo import PPOConfig, make_ppo_system

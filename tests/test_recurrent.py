@@ -93,7 +93,6 @@ def test_stored_hidden_states_reproduce_rollout_log_probs(tmp_results):
     assert float(np.max(metrics["clip_fraction"])) == 0.0
 
 
-@pytest.mark.slow
 def test_recurrent_mappo_improves_on_smax_3m(tmp_results):
     from systems.anakin import run
 

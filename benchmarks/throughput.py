@@ -50,14 +50,15 @@ MAVA_REFERENCE = {("rware", 1): 10_900, ("lbf", 1): 18_000, ("rware", 2): 18_200
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def settings_for(system: str, env: str, task: str, num_envs: int, devices: int, updates_per_chunk: int):
+def settings_for(system: str, env: str, task: str, num_envs: int, devices: int, updates_per_chunk: int,
+                 extra: tuple[str, ...] = ()):
     from hydra import compose, initialize_config_dir
 
     rollout = 128
     overrides = [
         f"env={env}", f"env.task={task}", f"arch.num_envs={num_envs}", f"arch.num_devices={devices}",
         "arch.num_evaluation=1", f"arch.total_timesteps={rollout * num_envs * updates_per_chunk}",
-        f"system.rollout_length={rollout}",
+        f"system.rollout_length={rollout}", *extra,
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = compose(config_name=system, overrides=overrides)

@@ -98,6 +98,20 @@ def random_action(spec, action_mask: jax.Array, key: jax.Array) -> jax.Array:
     return jax.random.uniform(key, shape, minval=spec.action_low, maxval=spec.action_high)
 
 
+def random_steps(vec_env, env_state, timestep, key: jax.Array, steps: int):
+    """``steps`` auto-reset steps of the whole batch with random legal actions -> (env_state, timestep)."""
+
+    def step(carry, k):
+        env_state, timestep = carry
+        act_key, reset_key = jax.random.split(k)
+        action = random_action(vec_env.spec, timestep.observation.action_mask, act_key)
+        env_state, timestep, _ = vec_env.step(env_state, action, reset_key)
+        return (env_state, timestep), None
+
+    (env_state, timestep), _ = jax.lax.scan(step, (env_state, timestep), jax.random.split(key, steps))
+    return env_state, timestep
+
+
 def env_only_throughput(settings, repeats: int) -> float:
     """Same envs, same batch and auto-reset, random legal actions: the training loop's ceiling."""
     mesh = make_mesh(settings.num_devices)
@@ -107,16 +121,7 @@ def env_only_throughput(settings, repeats: int) -> float:
 
     def local(env_state, timestep, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(DEVICE_AXIS))
-
-        def step(carry, k):
-            env_state, timestep = carry
-            act_key, reset_key = jax.random.split(k)
-            action = random_action(vec_env.spec, timestep.observation.action_mask, act_key)
-            env_state, timestep, _ = vec_env.step(env_state, action, reset_key)
-            return (env_state, timestep), None
-
-        (env_state, timestep), _ = jax.lax.scan(step, (env_state, timestep), jax.random.split(key, steps))
-        return env_state, timestep
+        return random_steps(vec_env, env_state, timestep, key, steps)
 
     spec = P(DEVICE_AXIS)
     fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P()), out_specs=(spec, spec),

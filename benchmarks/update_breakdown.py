@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from benchmarks.throughput import random_action, settings_for  # noqa: E402
+from benchmarks.throughput import random_steps, settings_for  # noqa: E402
 from envs.vector import AutoResetVecEnv  # noqa: E402
 from systems.anakin import make_envs  # noqa: E402
 from systems.ppo import PPOConfig, feed_forward_model, gae, make_networks, make_ppo_system  # noqa: E402
@@ -64,14 +64,7 @@ def main() -> None:
         return jax.tree.map(lambda x: x[None], tree)
 
     def env_only(env_state, timestep, key):
-        def step(carry, k):
-            env_state, timestep = carry
-            act_key, reset_key = jax.random.split(k)
-            action = random_action(env.spec, timestep.observation.action_mask, act_key)
-            env_state, timestep, _ = vec.step(env_state, action, reset_key)
-            return (env_state, timestep), None
-
-        return jax.lax.scan(step, (env_state, timestep), jax.random.split(key, cfg.rollout_length))
+        return random_steps(vec, env_state, timestep, key, cfg.rollout_length)
 
     # The rollout alone, through the same policy model the system's update uses.
     if args.network == "rnn":

@@ -20,7 +20,7 @@ import optax
 from jax import Array
 
 from envs.types import EnvSpec, Observation, TimeStep
-from envs.vector import AutoResetVecEnv, VecState
+from envs.vector import AutoResetVecEnv, StepInfo, VecState
 from networks import ActorCritic, env_action, make_actor_critic, make_distribution
 from utils.config import positive, require
 
@@ -107,6 +107,16 @@ class EpisodeStats(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # Rollout
 # ----------------------------------------------------------------------------------------------
+def episode_stats(info: StepInfo) -> EpisodeStats:
+    """Sums over the envs whose episode ended on this step (every rollout reports these)."""
+    return EpisodeStats(
+        return_sum=info.episode_return.sum(),
+        length_sum=info.episode_length.sum().astype(jnp.float32),
+        won_sum=info.won_episode.sum().astype(jnp.float32),
+        count=info.is_terminal_step.sum().astype(jnp.float32),
+    )
+
+
 def rollout(
     nets: ActorCritic,
     spec: EnvSpec,
@@ -138,13 +148,7 @@ def rollout(
             discount=next_timestep.discount,
             done=next_timestep.last(),
         )
-        stats = EpisodeStats(
-            return_sum=info.episode_return.sum(),
-            length_sum=info.episode_length.sum().astype(jnp.float32),
-            won_sum=info.won_episode.sum().astype(jnp.float32),
-            count=info.is_terminal_step.sum().astype(jnp.float32),
-        )
-        return (env_state, next_timestep), (transition, stats)
+        return (env_state, next_timestep), (transition, episode_stats(info))
 
     (env_state, timestep), (traj, stats) = jax.lax.scan(
         env_step, (env_state, timestep), jax.random.split(key, length)
@@ -425,21 +429,50 @@ def init_learner_state(
     return LearnerState(params, opt_states, key, env_state, timestep, jnp.zeros((), jnp.int32))
 
 
-def make_ppo_system(settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv) -> Any:
-    """IPPO (local critic) or MAPPO (``system.centralised_critic``): all agents updated at once."""
+def make_policy_system(
+    settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv,
+    actor_opt: optax.GradientTransformation, critic_opt: optax.GradientTransformation,
+    make_update: Callable[[PolicyModel], Callable[[Any], tuple[Any, dict[str, Array]]]],
+    use_gru: bool = True,
+) -> Any:
+    """A ``System`` whose update ``make_update(model)`` runs on feed-forward networks or, with
+    ``network.kind=rnn``, GRU networks (``use_gru=False`` bypasses the GRU, for tests). Every
+    PPO-family system (IPPO/MAPPO here, the stage engine's) is assembled through this."""
     from systems.anakin import System
 
+    length = settings.system.rollout_length
     if settings.network.kind == "rnn":
-        from systems.rec_ppo import make_rec_ppo_system
+        from systems.rec_ppo import (REC_ENV_FIELDS, init_rec_learner_state, make_rec_act_fn, make_rec_networks,
+                                     recurrent_model)
 
-        return make_rec_ppo_system(settings, spec, vec_env)
+        num_minibatches = settings.system.num_minibatches
+        require(settings.envs_per_device % num_minibatches == 0, "system.num_minibatches", num_minibatches,
+                f"must divide the envs per device ({settings.envs_per_device}) for recurrent sequence minibatches")
+        rec_nets = make_rec_networks(settings, spec, use_gru)
+        return System(
+            init=lambda key, env_state, timestep: init_rec_learner_state(
+                rec_nets, actor_opt, critic_opt, key, env_state, timestep),
+            update_step=make_update(recurrent_model(rec_nets, spec, vec_env, length)),
+            act=make_rec_act_fn(rec_nets, spec),
+            init_actor_state=lambda num_envs: rec_nets.init_hidden((num_envs,)),
+            eval_params=lambda state: state.params.actor,
+            env_fields=REC_ENV_FIELDS,
+        )
     nets = make_networks(settings, spec)
-    actor_opt, critic_opt = make_optimisers(settings)
     return System(
         init=lambda key, env_state, timestep: init_learner_state(nets, actor_opt, critic_opt, key, env_state, timestep),
-        update_step=make_ppo_update(feed_forward_model(nets, spec, vec_env, settings.system.rollout_length), spec,
-                                    actor_opt, critic_opt, settings.system),
+        update_step=make_update(feed_forward_model(nets, spec, vec_env, length)),
         act=make_act_fn(nets, spec),
         init_actor_state=lambda num_envs: None,
         eval_params=lambda state: state.params.actor,
+    )
+
+
+def make_ppo_system(settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv, use_gru: bool = True) -> Any:
+    """IPPO (local critic) or MAPPO (``system.centralised_critic``): all agents updated at once;
+    feed-forward or recurrent (``network.kind``)."""
+    actor_opt, critic_opt = make_optimisers(settings)
+    return make_policy_system(
+        settings, spec, vec_env, actor_opt, critic_opt,
+        lambda model: make_ppo_update(model, spec, actor_opt, critic_opt, settings.system), use_gru,
     )

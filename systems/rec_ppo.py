@@ -1,7 +1,7 @@
 """Recurrent IPPO / MAPPO (``network.kind=rnn``): GRU actor and critic, sequence minibatches.
 
 Differences from feed-forward PPO (the update itself is ``systems.ppo.make_ppo_update`` run with
-``recurrent_model``; the stage engine runs it too):
+``recurrent_model``, assembled by ``systems.ppo.make_policy_system`` like every PPO-family system):
 
 - The learner state carries the actor's and critic's hidden states ``(E, A, H)``; they are env
   fields (sharded over devices with the envs).
@@ -35,10 +35,8 @@ from systems.ppo import (
     Params,
     PolicyModel,
     append_time,
-    make_optimisers,
-    make_ppo_update,
+    episode_stats,
 )
-from utils.config import require
 
 
 class HiddenStates(NamedTuple):
@@ -102,13 +100,7 @@ def rec_rollout(
             next_value=next_value[0], reward=next_timestep.reward, discount=next_timestep.discount,
             done=next_timestep.last(),
         )
-        stats = EpisodeStats(
-            return_sum=info.episode_return.sum(),
-            length_sum=info.episode_length.sum().astype(jnp.float32),
-            won_sum=info.won_episode.sum().astype(jnp.float32),
-            count=info.is_terminal_step.sum().astype(jnp.float32),
-        )
-        return (env_state, next_timestep, HiddenStates(actor_h, critic_h)), (transition, stats)
+        return (env_state, next_timestep, HiddenStates(actor_h, critic_h)), (transition, episode_stats(info))
 
     (env_state, timestep, hidden), (traj, stats) = jax.lax.scan(
         env_step, (env_state, timestep, hidden), jax.random.split(key, length)
@@ -199,23 +191,3 @@ def init_rec_learner_state(nets: RecurrentActorCritic, actor_opt: optax.Gradient
     num_envs = timestep.reward.shape[0]
     hidden = HiddenStates(nets.init_hidden((num_envs,)), nets.init_hidden((num_envs,)))
     return RecLearnerState(params, opt_states, key, env_state, timestep, hidden, jnp.zeros((), jnp.int32))
-
-
-def make_rec_ppo_system(settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv, use_gru: bool = True) -> Any:
-    """Recurrent IPPO/MAPPO for the anakin driver."""
-    from systems.anakin import System
-
-    require(settings.envs_per_device % settings.system.num_minibatches == 0, "system.num_minibatches",
-            settings.system.num_minibatches,
-            f"must divide the envs per device ({settings.envs_per_device}) for recurrent sequence minibatches")
-    nets = make_rec_networks(settings, spec, use_gru)
-    actor_opt, critic_opt = make_optimisers(settings)
-    return System(
-        init=lambda key, env_state, timestep: init_rec_learner_state(nets, actor_opt, critic_opt, key, env_state, timestep),
-        update_step=make_ppo_update(recurrent_model(nets, spec, vec_env, settings.system.rollout_length), spec,
-                                    actor_opt, critic_opt, settings.system),
-        act=make_rec_act_fn(nets, spec),
-        init_actor_state=lambda num_envs: nets.init_hidden((num_envs,)),
-        eval_params=lambda state: state.params.actor,
-        env_fields=REC_ENV_FIELDS,
-    )

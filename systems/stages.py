@@ -64,22 +64,12 @@ from systems.ppo import (
     PolicyModel,
     PPOConfig,
     TrainMetrics,
-    feed_forward_model,
     gae,
-    init_learner_state,
-    make_act_fn,
-    make_networks,
     make_optimiser,
+    make_policy_system,
     ppo_clip_loss,
     reverse_trace_sum,
     update_keys,
-)
-from systems.rec_ppo import (
-    REC_ENV_FIELDS,
-    init_rec_learner_state,
-    make_rec_act_fn,
-    make_rec_networks,
-    recurrent_model,
 )
 from utils.config import one_of, positive, require
 
@@ -543,31 +533,9 @@ def make_stage_system(settings: Any, spec: EnvSpec, vec_env: AutoResetVecEnv, pl
                       use_gru: bool = True) -> Any:
     """A PPO-family ``System`` whose update is the stage engine running ``plan``; feed-forward or,
     with ``network.kind=rnn``, recurrent networks (``use_gru=False`` bypasses the GRU, for tests)."""
-    from systems.anakin import System
-
-    cfg = settings.system
     separate = settings.network.parameter_sharing == "separate"
     actor_opt, critic_opt = make_stage_optimisers(settings, plan)
-    if settings.network.kind == "rnn":
-        require(settings.envs_per_device % cfg.num_minibatches == 0, "system.num_minibatches", cfg.num_minibatches,
-                f"must divide the envs per device ({settings.envs_per_device}) for recurrent sequence minibatches")
-        rec_nets = make_rec_networks(settings, spec, use_gru)
-        return System(
-            init=lambda key, env_state, timestep: init_rec_learner_state(
-                rec_nets, actor_opt, critic_opt, key, env_state, timestep),
-            update_step=make_stage_update(recurrent_model(rec_nets, spec, vec_env, cfg.rollout_length), spec,
-                                          actor_opt, critic_opt, cfg, plan, separate),
-            act=make_rec_act_fn(rec_nets, spec),
-            init_actor_state=lambda num_envs: rec_nets.init_hidden((num_envs,)),
-            eval_params=lambda state: state.params.actor,
-            env_fields=REC_ENV_FIELDS,
-        )
-    nets = make_networks(settings, spec)
-    return System(
-        init=lambda key, env_state, timestep: init_learner_state(nets, actor_opt, critic_opt, key, env_state, timestep),
-        update_step=make_stage_update(feed_forward_model(nets, spec, vec_env, cfg.rollout_length), spec,
-                                      actor_opt, critic_opt, cfg, plan, separate),
-        act=make_act_fn(nets, spec),
-        init_actor_state=lambda num_envs: None,
-        eval_params=lambda state: state.params.actor,
+    return make_policy_system(
+        settings, spec, vec_env, actor_opt, critic_opt,
+        lambda model: make_stage_update(model, spec, actor_opt, critic_opt, settings.system, plan, separate), use_gru,
     )

@@ -1,6 +1,5 @@
 """Tanh-squashed Gaussian policies: densities, entropy, KL, bounds, and a short MPE training run."""
 
-import math
 
 import jax
 import jax.numpy as jnp

@@ -11,7 +11,6 @@ from envs.vector import AutoResetVecEnv
 from networks.recurrent import make_recurrent_actor_critic
 from systems.anakin import init_learner_states, make_envs
 from systems.ppo import PPOConfig, make_ppo_system
-from systems.rec_ppo import make_rec_ppo_system
 
 SMALL = ["arch.num_envs=4", "arch.num_devices=1", "system.rollout_length=32", "arch.total_timesteps=256",
          "arch.num_evaluation=1", "system.num_minibatches=1"]
@@ -59,7 +58,7 @@ def test_bypassed_gru_equals_feed_forward_ppo(tmp_results, config="mappo", env="
                                                               "network.critic_layers=[16,16]"], tmp_results)
     train_env, _ = make_envs(rec_settings)
     vec = AutoResetVecEnv(train_env, rec_settings.envs_per_device)
-    rec = make_rec_ppo_system(rec_settings, train_env.spec, vec, use_gru=False)
+    rec = make_ppo_system(rec_settings, train_env.spec, vec, use_gru=False)
     ff = make_ppo_system(ff_settings, train_env.spec, vec)
     rec_state = init_learner_states(rec, train_env, rec_settings)
     ff_state = init_learner_states(ff, train_env, ff_settings)
@@ -83,7 +82,7 @@ def test_stored_hidden_states_reproduce_rollout_log_probs(tmp_results):
         "env=mpe", "env.task=simple_spread_3ag", "system.ppo_epochs=1", "network=rnn",
         "network.rnn_pre_layers=[16]", "network.rnn_hidden_size=16", "network.rnn_post_layers=[16]"], tmp_results)
     train_env, _ = make_envs(settings)
-    system = make_rec_ppo_system(settings, train_env.spec, AutoResetVecEnv(train_env, settings.envs_per_device))
+    system = make_ppo_system(settings, train_env.spec, AutoResetVecEnv(train_env, settings.envs_per_device))
     state = init_learner_states(system, train_env, settings)
     update = one_device(system.update_step)
     state, _ = update(state)  # a second rollout starts from non-zero hidden states mid-episode

@@ -58,10 +58,12 @@ def build(settings, spec, vec_env):
     shared = settings.network.parameter_sharing == "shared"
     return make_stage_system(settings, spec, vec_env, a2po_plan(settings.system, spec.num_agents, shared))
 
+CONFIG = A2POConfig
+
 
 @hydra.main(config_path="../configs", config_name="a2po", version_base=None)
 def main(cfg: DictConfig) -> float:
-    return run_from_config(cfg, A2POConfig, build)
+    return run_from_config(cfg, CONFIG, build)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ from systems.stages import StageConfig, make_stage_system, simultaneous
 def build(settings, spec, vec_env):
     return make_stage_system(settings, spec, vec_env, simultaneous(spec.num_agents))
 
+CONFIG = StageConfig
+
 
 @hydra.main(config_path="../configs", config_name="coppo", version_base=None)
 def main(cfg: DictConfig) -> float:
-    return run_from_config(cfg, StageConfig, build)
+    return run_from_config(cfg, CONFIG, build)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ def happo_plan(num_agents: int) -> Plan:
 def build(settings, spec, vec_env):
     return make_stage_system(settings, spec, vec_env, happo_plan(spec.num_agents))
 
+CONFIG = StageConfig
+
 
 @hydra.main(config_path="../configs", config_name="happo", version_base=None)
 def main(cfg: DictConfig) -> float:
-    return run_from_config(cfg, StageConfig, build)
+    return run_from_config(cfg, CONFIG, build)
 
 
 if __name__ == "__main__":

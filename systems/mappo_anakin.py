@@ -10,10 +10,13 @@ from omegaconf import DictConfig
 from systems.anakin import run_from_config
 from systems.ppo import PPOConfig, make_ppo_system
 
+CONFIG = PPOConfig
+build = make_ppo_system
+
 
 @hydra.main(config_path="../configs", config_name="mappo", version_base=None)
 def main(cfg: DictConfig) -> float:
-    return run_from_config(cfg, PPOConfig, make_ppo_system)
+    return run_from_config(cfg, CONFIG, build)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,101 @@
+"""Golden runs: the final parameters of a short run of every PPO-family system, recorded once and
+checked after every refactor (``tests/test_golden.py``). A refactor that changes no maths must
+reproduce them bit for bit on the machine that recorded them.
+
+    python tests/golden/runs.py record     # writes tests/golden/params.npz (on purpose only)
+    python tests/golden/runs.py check      # bit-exact comparison, one line per run
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PATH = os.path.join(HERE, "params.npz")
+SYSTEMS = ("ippo", "mappo", "coppo", "happo", "a2po")
+KINDS = ("ff", "rnn")
+SHARING = ("shared", "separate")
+RUNS = [(s, k, p) for s in SYSTEMS for k in KINDS for p in SHARING]
+# 3 agents (sequential methods need more than 2), tiny networks, 2 updates on 2 devices.
+COMMON = ["env=lbf", "env.task=10x10-3p-3f", "arch.num_envs=8", "arch.num_devices=2", "arch.num_evaluation=1",
+          "arch.total_timesteps=128", "system.rollout_length=8", "system.ppo_epochs=2", "system.num_minibatches=2",
+          "system.actor_lr=1e-3", "system.critic_lr=1e-3", "network.actor_layers=[16]", "network.critic_layers=[16]"]
+RNN = ["network=rnn", "network.rnn_pre_layers=[16]", "network.rnn_hidden_size=16", "network.rnn_post_layers=[16]"]
+
+
+def name(system: str, kind: str, sharing: str) -> str:
+    return f"{system}-{kind}-{sharing}"
+
+
+def final_params(system: str, kind: str, sharing: str, results_dir: str = "/tmp/golden") -> dict[str, np.ndarray]:
+    """Parameters after two updates, flattened to {path: array}."""
+    from helpers import small_settings
+    from systems import anakin
+
+    module = importlib.import_module(f"systems.{system}_anakin")
+    overrides = COMMON + ([] if kind == "ff" else RNN) + [f"network.parameter_sharing={sharing}"]
+    settings = small_settings(system, module.CONFIG, overrides, results_dir)
+    setup = anakin.prepare(settings, module.build)
+    state = anakin.initial_state(setup, settings)
+    chunk, _ = anakin.compile_update_chunk(setup.system, settings, setup.mesh, state)
+    state, _ = chunk(state)
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def machine() -> str:
+    return f"{platform.machine()} {platform.processor()} jax {jax.__version__}"
+
+
+def record() -> None:
+    out = {"__machine__": np.asarray(machine())}
+    for run in RUNS:
+        for path, leaf in final_params(*run).items():
+            out[f"{name(*run)}|{path}"] = leaf
+        print("recorded", name(*run), flush=True)
+    np.savez_compressed(PATH, **out)
+
+
+def load(run: tuple[str, str, str]) -> dict[str, np.ndarray]:
+    data = np.load(PATH)
+    prefix = name(*run) + "|"
+    return {key[len(prefix):]: data[key] for key in data.files if key.startswith(prefix)}
+
+
+def compare(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> tuple[bool, float]:
+    """(bit-identical, largest absolute difference). Leaves are matched in order (paths may be renamed)."""
+    assert len(got) == len(want), f"{len(got)} leaves, golden has {len(want)}"
+    exact, worst = True, 0.0
+    for g, w in zip(got.values(), want.values()):
+        assert g.shape == w.shape, (g.shape, w.shape)
+        exact &= bool(np.array_equal(g, w))
+        worst = max(worst, float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0)
+    return exact, worst
+
+
+def check() -> int:
+    bad = 0
+    for run in RUNS:
+        exact, worst = compare(final_params(*run), load(run))
+        print(f"{name(*run):24s} {'bit-identical' if exact else f'DIFFERS (max |d| {worst:.3g})'}", flush=True)
+        bad += not exact
+    return bad
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["record"]:
+        record()
+    elif sys.argv[1:] == ["check"]:
+        sys.exit(1 if check() else 0)
+    else:
+        raise SystemExit(__doc__)

@@ -41,14 +41,8 @@ COMMON = ["system.rollout_length=128", "system.ppo_epochs=4", "system.num_miniba
 
 def system_of(name: str) -> tuple[type, Any]:
     """(config class, builder) of a system by name."""
-    if name in ("mappo", "ippo"):
-        from systems.ppo import PPOConfig, make_ppo_system
-
-        return PPOConfig, make_ppo_system
-    from systems.stages import StageConfig
-
     module = __import__(f"systems.{name}_anakin", fromlist=["build"])
-    return getattr(module, "A2POConfig", StageConfig), module.build
+    return module.CONFIG, module.build
 
 
 def compose(name: str, overrides: list[str]) -> Any:

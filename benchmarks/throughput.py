@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from systems.anakin import init_learner_states, make_envs, make_update_chunk, shard_state  # noqa: E402
-from systems.ppo import PPOConfig, make_ppo_system  # noqa: E402
+import importlib  # noqa: E402
 from systems.settings import load_settings  # noqa: E402
 from envs.vector import AutoResetVecEnv  # noqa: E402
 from utils.devices import DEVICE_AXIS, make_mesh  # noqa: E402
@@ -62,7 +62,7 @@ def settings_for(system: str, env: str, task: str, num_envs: int, devices: int, 
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = compose(config_name=system, overrides=overrides)
-    return load_settings(cfg, PPOConfig)
+    return load_settings(cfg, importlib.import_module(f"systems.{system}_anakin").CONFIG)
 
 
 def time_calls(fn, state, repeats: int) -> tuple[list[float], object]:
@@ -79,7 +79,7 @@ def training_throughput(settings, repeats: int) -> dict:
     mesh = make_mesh(settings.num_devices)
     env, _ = make_envs(settings)
     vec_env = AutoResetVecEnv(env, settings.envs_per_device, settings.arch.num_resets)
-    system = make_ppo_system(settings, env.spec, vec_env)
+    system = importlib.import_module(f"systems.{settings.system.name}_anakin").build(settings, env.spec, vec_env)
     state = shard_state(init_learner_states(system, env, settings), mesh, system.env_fields)
     chunk = make_update_chunk(system, settings, mesh, state)
     start = time.perf_counter()

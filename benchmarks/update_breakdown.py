@@ -19,13 +19,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import importlib  # noqa: E402
+
 import jax  # noqa: E402
 
 from benchmarks.throughput import random_steps, settings_for  # noqa: E402
 from envs.vector import AutoResetVecEnv  # noqa: E402
 from systems.anakin import make_envs  # noqa: E402
-from systems.ppo import PPOConfig, feed_forward_model, gae, make_networks, make_ppo_system  # noqa: E402
-from systems.rec_ppo import make_rec_networks, recurrent_model  # noqa: E402
+from networks.policy import make_policy_nets  # noqa: E402
+from systems.policy import policy_model  # noqa: E402
+from systems.ppo import PPOConfig, gae  # noqa: E402
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -53,7 +56,7 @@ def main() -> None:
     settings = settings_for(args.system, args.env, args.task, args.envs, 1, 1, (f"network={args.network}",))
     env, _ = make_envs(settings)
     vec = AutoResetVecEnv(env, args.envs, settings.arch.num_resets)
-    system = make_ppo_system(settings, env.spec, vec)
+    system = importlib.import_module(f"systems.{args.system}_anakin").build(settings, env.spec, vec)
     env_state, timestep = vec.reset(jax.random.PRNGKey(0))
     state = system.init(jax.random.PRNGKey(1), env_state, timestep)
     cfg: PPOConfig = settings.system
@@ -67,10 +70,8 @@ def main() -> None:
         return random_steps(vec, env_state, timestep, key, cfg.rollout_length)
 
     # The rollout alone, through the same policy model the system's update uses.
-    if args.network == "rnn":
-        model = recurrent_model(make_rec_networks(settings, env.spec), env.spec, vec, cfg.rollout_length)
-    else:
-        model = feed_forward_model(make_networks(settings, env.spec), env.spec, vec, cfg.rollout_length)
+    nets = make_policy_nets(settings.network, env.spec, cfg.centralised_critic)
+    model = policy_model(nets, env.spec, vec, cfg.rollout_length)
 
     def rollout_only(state, key):
         return model.collect(state, key)

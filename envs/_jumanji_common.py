@@ -136,11 +136,6 @@ class JumanjiAdapter(MarlEnv):
         """(H, W, 3) uint8 frame of one (unbatched) state, drawn by Jumanji's viewer."""
         return rgb_frame(self._env.render(state))
 
-    @property
-    def unwrapped(self) -> Any:
-        """The underlying Jumanji environment (its time limit is switched off)."""
-        return self._env
-
 
 def team_reward(reward: Array, individual: bool) -> Array:
     """(A,) rewards: the per-agent rewards as they are, or their sum given to every agent."""

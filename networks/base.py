@@ -91,6 +91,41 @@ def _with_agent_id(x: Array, num_agents: int) -> Array:
     return jnp.concatenate([x, ids], axis=-1)
 
 
+def dummy_observation(spec: EnvSpec, centralised_critic: bool) -> Observation:
+    """A zero observation of one env, (A, ...): what networks are initialised on."""
+    num_agents = spec.num_agents
+    return Observation(
+        agents_view=jnp.zeros((num_agents,) + tuple(spec.obs_shape), jnp.float32),
+        action_mask=jnp.ones((num_agents, spec.num_actions), bool),
+        step_count=jnp.zeros((num_agents,), jnp.int32),
+        global_state=jnp.zeros((num_agents, spec.global_state_dim), jnp.float32) if centralised_critic else None,
+    )
+
+
+def actor_head(spec: EnvSpec, torso: nn.Module) -> nn.Module:
+    """Masked logits for discrete actions, (mean, log_std) for continuous ones."""
+    if spec.action_kind == "discrete":
+        return DiscreteActor(torso, spec.num_actions)
+    return ContinuousActor(torso, spec.num_actions)
+
+
+def input_fns(spec: EnvSpec, shared: bool, add_agent_id: bool,
+              centralised_critic: bool) -> tuple[Callable[[Observation], Array], Callable[[Observation], Array]]:
+    """(actor input, critic input): each agent's view (+ agent one-hot with shared parameters unless
+    the env's views identify the agent, Mava's implicit_agent_id); the critic's is the global state
+    for a centralised critic (no agent id: the state is the same for all)."""
+    use_id = shared and add_agent_id and not spec.implicit_agent_id
+
+    def actor_input(obs: Observation) -> Array:
+        x = obs.agents_view.astype(jnp.float32)
+        return _with_agent_id(x, spec.num_agents) if use_id else x
+
+    def critic_input(obs: Observation) -> Array:
+        return obs.global_state.astype(jnp.float32) if centralised_critic else actor_input(obs)
+
+    return actor_input, critic_input
+
+
 def make_actor_critic(
     spec: EnvSpec,
     actor_layers: Sequence[int] = (128, 128),
@@ -102,74 +137,37 @@ def make_actor_critic(
     centralised_critic: bool = False,
 ) -> ActorCritic:
     """Actor on each agent's view; critic on its view (IPPO) or on the global state (MAPPO)."""
-    num_agents = spec.num_agents
-    actor_torso = MLPTorso(tuple(actor_layers), activation, use_layer_norm)
-    critic_torso = MLPTorso(tuple(critic_layers), activation, use_layer_norm)
-    if spec.action_kind == "discrete":
-        actor_net: nn.Module = DiscreteActor(actor_torso, spec.num_actions)
-    else:
-        actor_net = ContinuousActor(actor_torso, spec.num_actions)
-    critic_net = Critic(critic_torso)
+    actor_net = actor_head(spec, MLPTorso(tuple(actor_layers), activation, use_layer_norm))
+    critic_net = Critic(MLPTorso(tuple(critic_layers), activation, use_layer_norm))
     shared = parameter_sharing == "shared"
-    use_id = shared and add_agent_id and not spec.implicit_agent_id  # Mava: implicit_agent_id
-
-    def actor_input(obs: Observation) -> Array:
-        x = obs.agents_view.astype(jnp.float32)
-        return _with_agent_id(x, num_agents) if use_id else x
-
-    def critic_input(obs: Observation) -> Array:
-        if centralised_critic:
-            return obs.global_state.astype(jnp.float32)  # no agent id: the state is the same for all
-        return actor_input(obs)
-
-    # A dummy observation of one env: (A, F).
-    dummy_view = jnp.zeros((num_agents,) + tuple(spec.obs_shape), jnp.float32)
-    dummy_obs = Observation(
-        agents_view=dummy_view,
-        action_mask=jnp.ones((num_agents, spec.num_actions), bool),
-        step_count=jnp.zeros((num_agents,), jnp.int32),
-        global_state=jnp.zeros((num_agents, spec.global_state_dim), jnp.float32)
-        if centralised_critic
-        else None,
+    actor_input, critic_input = input_fns(spec, shared, add_agent_id, centralised_critic)
+    dummy = dummy_observation(spec, centralised_critic)
+    if shared:
+        return ActorCritic(
+            init_actor=lambda key: actor_net.init(key, actor_input(dummy), dummy.action_mask),
+            init_critic=lambda key: critic_net.init(key, critic_input(dummy)),
+            actor=lambda params, obs: actor_net.apply(params, actor_input(obs), obs.action_mask),
+            critic=shared_critic(critic_net, critic_input, centralised_critic),
+        )
+    # Stacked trees with a leading agent axis; the agent axis of inputs is -2 (..., A, F).
+    keys = lambda key: jax.random.split(key, spec.num_agents)  # noqa: E731
+    return ActorCritic(
+        init_actor=lambda key: jax.vmap(actor_net.init)(keys(key), actor_input(dummy), dummy.action_mask),
+        init_critic=lambda key: jax.vmap(critic_net.init)(keys(key), critic_input(dummy)),
+        actor=lambda params, obs: jax.vmap(actor_net.apply, in_axes=(0, -2, -2), out_axes=-2)(
+            params, actor_input(obs), obs.action_mask),
+        critic=lambda params, obs: jax.vmap(critic_net.apply, in_axes=(0, -2), out_axes=-1)(params, critic_input(obs)),
     )
 
-    if shared:
 
-        def init_actor(key: Array) -> Any:
-            return actor_net.init(key, actor_input(dummy_obs), dummy_obs.action_mask)
+def shared_critic(critic_net: nn.Module, critic_input: Callable[[Observation], Array],
+                  centralised_critic: bool) -> Callable[[Any, Observation], Array]:
+    def critic(params: Any, obs: Observation) -> Array:
+        if centralised_critic:
+            # The global state is tiled per agent (env contract) and carries no agent id, so
+            # V(s) is the same for every agent: evaluate it once and broadcast over A.
+            value = critic_net.apply(params, critic_input(obs)[..., 0, :])  # (...,)
+            return jnp.broadcast_to(value[..., None], obs.global_state.shape[:-1])  # (..., A)
+        return critic_net.apply(params, critic_input(obs))
 
-        def init_critic(key: Array) -> Any:
-            return critic_net.init(key, critic_input(dummy_obs))
-
-        def actor(params: Any, obs: Observation) -> Any:
-            return actor_net.apply(params, actor_input(obs), obs.action_mask)
-
-        def critic(params: Any, obs: Observation) -> Array:
-            if centralised_critic:
-                # The global state is tiled per agent (env contract) and carries no agent id, so
-                # V(s) is the same for every agent: evaluate it once and broadcast over A.
-                value = critic_net.apply(params, critic_input(obs)[..., 0, :])  # (...,)
-                return jnp.broadcast_to(value[..., None], obs.global_state.shape[:-1])  # (..., A)
-            return critic_net.apply(params, critic_input(obs))
-
-    else:
-        # Stacked trees with a leading agent axis; the agent axis of inputs is -2 (..., A, F).
-        def init_actor(key: Array) -> Any:
-            keys = jax.random.split(key, num_agents)
-            return jax.vmap(actor_net.init, in_axes=(0, 0, 0))(
-                keys, actor_input(dummy_obs), dummy_obs.action_mask
-            )
-
-        def init_critic(key: Array) -> Any:
-            keys = jax.random.split(key, num_agents)
-            return jax.vmap(critic_net.init)(keys, critic_input(dummy_obs))
-
-        def actor(params: Any, obs: Observation) -> Any:
-            return jax.vmap(actor_net.apply, in_axes=(0, -2, -2), out_axes=-2)(
-                params, actor_input(obs), obs.action_mask
-            )
-
-        def critic(params: Any, obs: Observation) -> Array:
-            return jax.vmap(critic_net.apply, in_axes=(0, -2), out_axes=-1)(params, critic_input(obs))
-
-    return ActorCritic(init_actor, init_critic, actor, critic)
+    return critic

@@ -79,10 +79,6 @@ class TanhGaussian(NamedTuple):
         log_det = jnp.sum(log_one_minus_tanh_sq(u), axis=-1) + u.shape[-1] * self.log_scale
         return self.gaussian_log_prob(u) - log_det
 
-    def sample_and_log_prob(self, seed: Array) -> tuple[Array, Array]:
-        u = self.sample(seed)
-        return u, self.log_prob(u)
-
     def gaussian_entropy(self) -> Array:
         return jnp.sum(self.log_std + 0.5 * (_LOG_2PI + 1.0), axis=-1)
 

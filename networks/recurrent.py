@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from envs.types import EnvSpec, Observation
-from networks.base import ContinuousActor, Critic, DiscreteActor, MLPTorso, _with_agent_id
+from networks.base import Critic, MLPTorso, actor_head, dummy_observation, input_fns
 
 
 class RecurrentActorCritic(NamedTuple):
@@ -63,6 +63,57 @@ def scan_gru(cell: nn.GRUCell, cell_params: Any, hidden: Array, x: Array, reset:
     return jax.lax.scan(step, hidden, (x, reset))
 
 
+class _Core(NamedTuple):
+    """pre-torso -> GRU -> post-torso + head, for one agent's inputs."""
+
+    pre: MLPTorso
+    cell: nn.GRUCell
+    top: _HeadOnTorso
+    hidden_size: int
+    use_gru: bool
+
+    def init(self, key: Array, x: Array, mask: Array) -> Any:
+        """x (F,), mask (n,): one agent's parameters."""
+        k1, k2, k3 = jax.random.split(key, 3)
+        feat = self.pre.layer_sizes[-1]
+        gru_out = self.hidden_size if self.use_gru else feat
+        return {
+            "pre": self.pre.init(k1, x),
+            "cell": self.cell.init(k2, jnp.zeros((self.hidden_size,)), jnp.zeros((feat,))),
+            "head": self.top.init(k3, jnp.zeros((gru_out,)), mask),
+        }
+
+    def apply(self, params: Any, hidden: Array, x: Array, mask: Array, reset: Array) -> tuple[Array, Any]:
+        """hidden (..., H); x (T, ..., F); mask (T, ..., n); reset (T, ...)."""
+        feat = self.pre.apply(params["pre"], x)
+        hidden, y = scan_gru(self.cell, params["cell"], hidden, feat, reset, self.use_gru)
+        return hidden, self.top.apply(params["head"], y, mask)
+
+
+def _network(core: _Core, is_actor: bool, make_input: Callable[[Observation], Array], shared: bool,
+             dummy: Observation) -> tuple[Callable, Callable]:
+    """(init(key), apply(params, hidden, obs (T, B, A, ...), reset (T, B))) with shared or stacked
+    per-agent parameters."""
+    num_agents = dummy.agents_view.shape[0]
+
+    def init(key: Array) -> Any:
+        x = make_input(dummy)  # (A, F)
+        if shared:
+            return core.init(key, x[0], dummy.action_mask[0])
+        return jax.vmap(core.init)(jax.random.split(key, num_agents), x, dummy.action_mask)
+
+    def apply(params: Any, hidden: Array, obs: Observation, reset: Array) -> tuple[Array, Any]:
+        x = make_input(obs)  # (T, B, A, F)
+        reset = jnp.broadcast_to(reset[..., None], x.shape[:-1])  # (T, B, A)
+        if shared:
+            return core.apply(params, hidden, x, obs.action_mask, reset)
+        return jax.vmap(core.apply, in_axes=(0, -2, -2, -2, -1), out_axes=(-2, -2 if is_actor else -1))(
+            params, hidden, x, obs.action_mask, reset
+        )
+
+    return init, apply
+
+
 def make_recurrent_actor_critic(
     spec: EnvSpec,
     pre_layers: Sequence[int] = (128,),
@@ -77,69 +128,17 @@ def make_recurrent_actor_critic(
 ) -> RecurrentActorCritic:
     num_agents = spec.num_agents
     shared = parameter_sharing == "shared"
-    use_id = shared and add_agent_id and not spec.implicit_agent_id
+    actor_input, critic_input = input_fns(spec, shared, add_agent_id, centralised_critic)
+    dummy = dummy_observation(spec, centralised_critic)
 
-    def actor_input(obs: Observation) -> Array:
-        x = obs.agents_view.astype(jnp.float32)
-        return _with_agent_id(x, num_agents) if use_id else x
+    def core(head: nn.Module, is_actor: bool) -> _Core:
+        return _Core(MLPTorso(tuple(pre_layers), activation, use_layer_norm), nn.GRUCell(features=hidden_size),
+                     _HeadOnTorso(head, is_actor), hidden_size, use_gru)
 
-    def critic_input(obs: Observation) -> Array:
-        return obs.global_state.astype(jnp.float32) if centralised_critic else actor_input(obs)
-
-    if spec.action_kind == "discrete":
-        actor_head: nn.Module = DiscreteActor(MLPTorso(tuple(post_layers), activation, use_layer_norm), spec.num_actions)
-    else:
-        actor_head = ContinuousActor(MLPTorso(tuple(post_layers), activation, use_layer_norm), spec.num_actions)
-    critic_head = Critic(MLPTorso(tuple(post_layers), activation, use_layer_norm))
-
-    def build(head: nn.Module, is_actor: bool, make_input: Callable[[Observation], Array]):
-        pre = MLPTorso(tuple(pre_layers), activation, use_layer_norm)
-        cell = nn.GRUCell(features=hidden_size)
-        top = _HeadOnTorso(head, is_actor)
-        gru_out = hidden_size if use_gru else pre_layers[-1]
-
-        def init_one(key: Array, x: Array, mask: Array) -> Any:
-            """x (F,), mask (n,): one agent's parameters."""
-            k1, k2, k3 = jax.random.split(key, 3)
-            feat = pre.layer_sizes[-1]
-            return {
-                "pre": pre.init(k1, x),
-                "cell": cell.init(k2, jnp.zeros((hidden_size,)), jnp.zeros((feat,))),
-                "head": top.init(k3, jnp.zeros((gru_out,)), mask),
-            }
-
-        def apply_core(params: Any, hidden: Array, x: Array, mask: Array, reset: Array) -> tuple[Array, Any]:
-            """hidden (..., H); x (T, ..., F); mask (T, ..., n); reset (T, ...)."""
-            feat = pre.apply(params["pre"], x)
-            hidden, y = scan_gru(cell, params["cell"], hidden, feat, reset, use_gru)
-            return hidden, top.apply(params["head"], y, mask)
-
-        def init(key: Array) -> Any:
-            x = make_input(dummy_obs)  # (A, F)
-            if shared:
-                return init_one(key, x[0], dummy_obs.action_mask[0])
-            return jax.vmap(init_one)(jax.random.split(key, num_agents), x, dummy_obs.action_mask)
-
-        def apply(params: Any, hidden: Array, obs: Observation, reset: Array) -> tuple[Array, Any]:
-            x = make_input(obs)  # (T, B, A, F)
-            reset = jnp.broadcast_to(reset[..., None], x.shape[:-1])  # (T, B, A)
-            if shared:
-                return apply_core(params, hidden, x, obs.action_mask, reset)
-            return jax.vmap(apply_core, in_axes=(0, -2, -2, -2, -1), out_axes=(-2, -2 if is_actor else -1))(
-                params, hidden, x, obs.action_mask, reset
-            )
-
-        return init, apply
-
-    dummy_view = jnp.zeros((num_agents,) + tuple(spec.obs_shape), jnp.float32)
-    dummy_obs = Observation(
-        agents_view=dummy_view,
-        action_mask=jnp.ones((num_agents, spec.num_actions), bool),
-        step_count=jnp.zeros((num_agents,), jnp.int32),
-        global_state=jnp.zeros((num_agents, spec.global_state_dim), jnp.float32) if centralised_critic else None,
-    )
-    init_actor, actor_apply = build(actor_head, True, actor_input)
-    init_critic, critic_apply = build(critic_head, False, critic_input)
+    post = MLPTorso(tuple(post_layers), activation, use_layer_norm)
+    init_actor, actor_apply = _network(core(actor_head(spec, post), True), True, actor_input, shared, dummy)
+    init_critic, critic_apply = _network(core(Critic(MLPTorso(tuple(post_layers), activation, use_layer_norm)), False),
+                                         False, critic_input, shared, dummy)
 
     def critic(params: Any, hidden: Array, obs: Observation, reset: Array) -> tuple[Array, Array]:
         if shared and centralised_critic:

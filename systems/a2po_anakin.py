@@ -25,6 +25,7 @@ from systems.stages import (
     StageConfig,
     blocks_from_order,
     from_order,
+    keyed,
     make_stage_system,
     random_order,
     semi_greedy_order,
@@ -48,15 +49,15 @@ def a2po_plan(cfg: A2POConfig, num_agents: int, shared: bool) -> Plan:
         return semi_greedy_order(key, score) if cfg.order == "semi_greedy" else random_order(key, num_agents)
 
     if not shared:
-        return Plan(lambda key, score: from_order(order(key, score)), num_stages=num_agents, singleton=True)
+        return Plan(keyed(lambda key, score: from_order(order(key, score))), num_stages=num_agents, capacity=1)
     blocks = min(cfg.block_num, num_agents)
-    return Plan(lambda key, score: blocks_from_order(order(key, score), blocks), num_stages=blocks,
+    return Plan(keyed(lambda key, score: blocks_from_order(order(key, score), blocks)), num_stages=blocks,
                 cumulative=True, stage_epochs=math.ceil(cfg.ppo_epochs / blocks))
 
 
-def build(settings, spec, vec_env):
+def build(settings, spec, vec_env, nets=None):
     shared = settings.network.parameter_sharing == "shared"
-    return make_stage_system(settings, spec, vec_env, a2po_plan(settings.system, spec.num_agents, shared))
+    return make_stage_system(settings, spec, vec_env, a2po_plan(settings.system, spec.num_agents, shared), nets)
 
 CONFIG = A2POConfig
 

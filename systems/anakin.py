@@ -37,7 +37,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import envs
 from envs.types import EnvSpec, MarlEnv
 from envs.vector import AutoResetVecEnv
-from systems.evaluation import ActFn, EvalResult, make_evaluator
+from systems.contract import System, SystemBuilder, needs_global_state, stacked_eval_params, train_summary
+from systems.evaluation import EvalResult, make_evaluator
+from systems.resume import Evaluation, HostRecord, find_resume_point, restore_run, save_checkpoint
 from systems.settings import Settings, config_dict, load_settings
 from utils import checkpointing
 from utils.checkpointing import CheckpointError, entry_point
@@ -48,20 +50,6 @@ from utils.neptune_logger import NeptuneLogger, NeptuneMissingError, start_neptu
 
 EVAL_KEY_OFFSET = 10_000  # eval keys: PRNGKey(arch.seed + EVAL_KEY_OFFSET), folded with the eval index
 ABSOLUTE_INDEX = 1_000_000  # eval index used for the absolute-metric keys
-
-
-class System(NamedTuple):
-    """What an algorithm gives the driver. Everything is per seed (the driver vmaps seeds)."""
-
-    init: Callable[[Array, Any, Any], Any]  # (key, env_state (E_all, ...), timestep) -> learner state
-    update_step: Callable[[Any], tuple[Any, dict[str, Array]]]  # one iteration on one device
-    act: ActFn  # evaluation policy
-    init_actor_state: Callable[[int], Any]  # num eval envs -> actor state (None for feed-forward)
-    eval_params: Callable[[Any], Any]  # learner state -> what ``act`` takes
-    env_fields: tuple[str, ...] = ("env_state", "timestep")  # learner-state fields with an env axis
-
-
-SystemBuilder = Callable[[Settings, EnvSpec, AutoResetVecEnv], System]
 
 
 class NonFiniteError(RuntimeError):
@@ -76,39 +64,6 @@ class Setup(NamedTuple):
     eval_env: MarlEnv
     vec_env: AutoResetVecEnv
     system: System
-
-
-@dataclasses.dataclass
-class Evaluation:
-    """One evaluation: ``index`` 0 is before training, k after k update chunks."""
-
-    index: int
-    step: int  # env steps per seed
-    elapsed: float  # training seconds so far (compilation excluded)
-    metrics: dict[str, np.ndarray]  # name -> (S,): mean_episode_return, mean_episode_length, ...
-
-    def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "step": self.step, "elapsed": self.elapsed,
-                "metrics": {name: np.asarray(v).tolist() for name, v in self.metrics.items()}}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Evaluation":
-        return cls(int(data["index"]), int(data["step"]), float(data["elapsed"]),
-                   {name: np.asarray(v, np.float64) for name, v in data["metrics"].items()})
-
-
-@dataclasses.dataclass
-class HostRecord:
-    """What the host loop carries from chunk to chunk; saved with every checkpoint."""
-
-    evaluations: list[Evaluation]
-    best_return: np.ndarray  # (S,) best mean evaluation return so far, per seed
-    best_params: Any  # host copy (S, ...) of each seed's best evaluated parameters
-    train_seconds: float = 0.0
-
-    @property
-    def chunks_done(self) -> int:
-        return self.evaluations[-1].index
 
 
 @dataclasses.dataclass
@@ -135,7 +90,7 @@ class RunResult:
 # ----------------------------------------------------------------------------------------------
 def make_envs(settings: Settings) -> tuple[MarlEnv, MarlEnv]:
     """Train and eval envs (the eval env is a separate instance; neither auto-resets by itself)."""
-    global_state = bool(getattr(settings.system, "centralised_critic", False))
+    global_state = needs_global_state(settings.system)
     kwargs = dict(settings.env.kwargs)
     train = envs.make(settings.env.name, settings.env.task, global_state=global_state, **kwargs)
     evaluation = envs.make(settings.env.name, settings.env.task, global_state=global_state, **kwargs)
@@ -247,10 +202,6 @@ def make_evaluate(setup: Setup, settings: Settings) -> Callable[..., dict[str, n
     return evaluate
 
 
-def stacked_eval_params(system: System, state: Any) -> Any:
-    return jax.vmap(system.eval_params)(state)
-
-
 # ----------------------------------------------------------------------------------------------
 # Host-loop bookkeeping (pure functions on host arrays)
 # ----------------------------------------------------------------------------------------------
@@ -303,102 +254,6 @@ def non_finite(metrics: dict[str, np.ndarray], params: Any) -> Optional[tuple[in
     return update, seeds, names
 
 
-def train_summary(metrics: dict[str, np.ndarray]) -> dict[str, float]:
-    """Chunk means of the training metrics (losses, ...) and the mean return of finished episodes."""
-    out = {name: float(np.mean(v)) for name, v in metrics.items()
-           if name not in ("return_sum", "length_sum", "won_sum", "count")}
-    if "count" in metrics:
-        episodes = float(np.sum(metrics["count"]))
-        out["episodes"] = episodes
-        out["episode_return"] = float(np.sum(metrics["return_sum"]) / max(episodes, 1.0))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Resume
-# ----------------------------------------------------------------------------------------------
-def training_config(config: dict[str, Any], num_devices: int) -> dict[str, Any]:
-    """The parts of a config that change what is computed (the logger section does not)."""
-    return {**{name: config[name] for name in ("arch", "env", "network", "system")}, "devices": num_devices}
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: tree}
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    a, b = _flat(saved), _flat(current)
-    return [f"{key}: {a.get(key, '<missing>')!r} in the checkpoint, {b.get(key, '<missing>')!r} now"
-            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
-
-
-def saved_training_config(meta: dict[str, Any], system_cls: type) -> dict[str, Any]:
-    """The training config of a checkpoint as this code reads it: keys added to the code since the
-    checkpoint was written take their defaults. Raises ``ConfigError`` if the code no longer accepts it."""
-    config = {name: meta["config"][name] for name in ("arch", "env", "network", "system")}
-    return training_config(config_dict(load_settings(config, system_cls)), meta.get("num_devices", -1))
-
-
-def _same_run(config: dict[str, Any], settings: Settings) -> bool:
-    return (config["system"].get("name"), config["env"].get("name"), config["env"].get("task"), config["arch"].get("seed")) == (
-        settings.system.name, settings.env.name, settings.env.task, settings.arch.seed)
-
-
-def find_resume_point(settings: Settings, run_dir: Optional[str], say: Callable[[str], None]) -> Optional[tuple[str, int]]:
-    """(checkpoints folder, checkpoint) that ``logger.resume`` asks to continue, or None for a new run.
-
-    ``true``: this run folder's checkpoints if any, else the most recent checkpoint under
-    ``logger.base_dir`` with the same training config (none: a new run starts, saying why). A path:
-    that run folder, its checkpoints folder (latest checkpoint) or one numbered checkpoint in it.
-    """
-    resume = settings.logger.resume
-    if resume is False:
-        return None
-    if isinstance(resume, str):
-        directory, step = checkpointing.resolve(resume)
-        return directory, checkpointing.pick_step(directory, step)
-    if run_dir and checkpointing.committed_steps(os.path.join(run_dir, "checkpoints")):
-        directory = os.path.join(run_dir, "checkpoints")
-        return directory, checkpointing.pick_step(directory)
-    wanted = training_config(config_dict(settings), settings.num_devices)
-    found, near = [], []
-    base = settings.logger.base_dir
-    for entry in (os.scandir(base) if os.path.isdir(base) else []):
-        directory = os.path.join(entry.path, "checkpoints")
-        steps = checkpointing.committed_steps(directory)
-        if not steps:
-            continue
-        try:
-            meta = checkpointing.read_meta(directory, steps[-1])
-        except CheckpointError as err:
-            say(f"resume: skipping {directory}: {err}")
-            continue
-        when = os.path.getmtime(checkpointing.step_path(directory, steps[-1]))
-        try:
-            differences = config_differences(saved_training_config(meta, type(settings.system)), wanted)
-        except ConfigError as err:
-            differences = [f"its config is not valid for this code ({err})"]
-        if not differences:
-            found.append((when, directory, steps[-1]))
-        elif _same_run(meta["config"], settings):
-            near.append((when, directory, differences))
-    if found:
-        _, directory, step = max(found)
-        return directory, step
-    if near:
-        _, directory, differences = max(near)
-        say(f"logger.resume=true: the latest run of this system, task and seed under {base}/ ({directory}) "
-            f"has a different config ({'; '.join(differences)}); starting a new run")
-    else:
-        say(f"logger.resume=true: no checkpoint of this config under {base}/; starting a new run")
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
 # Output fan-out: console, marl-eval JSON, Neptune
 # ----------------------------------------------------------------------------------------------
@@ -406,9 +261,11 @@ class Reporter:
     """Sends each evaluation to the console, the marl-eval JSON (written every time) and Neptune."""
 
     def __init__(self, settings: Settings, console: Console, say: Callable[[str], None],
-                 results: MarlEvalJson, neptune: NeptuneLogger, primary: bool):
+                 results: MarlEvalJson, neptune: NeptuneLogger, primary: bool,
+                 console_metrics: tuple[tuple[str, str], ...] = ()):
         self.settings, self.console, self.say = settings, console, say
         self.results, self.neptune, self.primary = results, neptune, primary
+        self.console_metrics = console_metrics
 
     def restore(self, evaluations: list[Evaluation]) -> None:
         """Re-enters the evaluations of the run so far (a resumed run rewrites its JSON entries)."""
@@ -429,8 +286,9 @@ class Reporter:
         spread = f" ±{np.std(ret):.3f}" if ret.size > 1 else ""
         win = f"  win {np.mean(metrics['win_rate']):5.1f}%" if "win_rate" in metrics else ""
         sps = float(np.mean(metrics["steps_per_second"]))
+        own = "".join(f"  {label} {train[name]:.2f}" for label, name in self.console_metrics if name in train)
         summary = (f"step {evaluation.step:>11,}  eval return {np.mean(ret):8.3f}{spread}{win}  "
-                   f"train return {train.get('episode_return', float('nan')):8.3f}  {sps:10,.0f} steps/s")
+                   f"train return {train.get('episode_return', float('nan')):8.3f}{own}  {sps:10,.0f} steps/s")
         self.console.evaluation(evaluation.index, evaluation.step, summary,
                                 f"return {np.mean(ret):.3f}{win}  {sps:,.0f} steps/s")
 
@@ -461,6 +319,105 @@ def default_run_dir(settings: Settings) -> str:
                         f"_s{settings.arch.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+class Outputs(NamedTuple):
+    """Where a run writes: its folder, the marl-eval JSON, Neptune, checkpoints, the console."""
+
+    run_dir: str
+    results: MarlEvalJson
+    neptune: NeptuneLogger
+    reporter: "Reporter"
+    checkpointer: Optional[checkpointing.Checkpointer]
+    checkpoint_dir: Optional[str]
+    meta: dict[str, Any]  # the checkpoints' static meta
+
+
+def open_outputs(settings: Settings, build_system: SystemBuilder, run_dir: str, console: Console,
+                 system_console: tuple[tuple[str, str], ...] = ()) -> Outputs:
+    arch, logcfg, say = settings.arch, settings.logger, console.print
+    primary = jax.process_index() == 0
+    os.makedirs(run_dir, exist_ok=True)
+    seeds = list(range(arch.seed, arch.seed + arch.num_seeds))
+    results = MarlEvalJson(logcfg.json_path or os.path.join(run_dir, "metrics.json"),
+                           settings.env.name, settings.env.task, settings.system.name, seeds)
+    neptune = start_neptune(logcfg.neptune, os.path.basename(os.path.normpath(run_dir)), config_dict(settings),
+                            warn=lambda text: say(f"warning: {text}"), say=say) if primary else NeptuneLogger(None, "off", say)
+    checkpoint_dir = os.path.join(run_dir, "checkpoints") if logcfg.checkpoint.enabled else None
+    checkpointer = (checkpointing.Checkpointer(checkpoint_dir, logcfg.checkpoint.max_to_keep, logcfg.checkpoint.keep_best)
+                    if checkpoint_dir else None)
+    meta = {"config": config_dict(settings), "num_devices": settings.num_devices,
+            "system_config": entry_point(type(settings.system)), "build_system": entry_point(build_system),
+            "seeds": seeds, "num_evaluation": arch.num_evaluation}
+    reporter = Reporter(settings, console, say, results, neptune, primary, system_console)
+    return Outputs(run_dir, results, neptune, reporter,
+                   checkpointer, checkpoint_dir, meta)
+
+
+def start_state(setup: Setup, settings: Settings, resume_point: Optional[tuple[str, int]],
+                out: Outputs, say: Callable[[str], None]) -> tuple[Any, Optional[HostRecord], Optional[str]]:
+    """Fresh learner states, or those of the checkpoint to resume (restored onto the fresh shapes and
+    shardings) with its host record and path."""
+    state = initial_state(setup, settings)
+    if resume_point is None:
+        return state, None, None
+    state, record = restore_run(resume_point, state, setup.system, settings, say)
+    last_checkpoint = checkpointing.step_path(*resume_point)
+    out.reporter.restore(record.evaluations)
+    say(f"resuming from {last_checkpoint} (evaluation {record.chunks_done}/{settings.arch.num_evaluation}, "
+        f"step {record.evaluations[-1].step:,})")
+    return state, record, last_checkpoint
+
+
+def train_chunk(state: Any, record: HostRecord, index: int, chunk: Callable, evaluate: Callable, setup: Setup,
+                settings: Settings, out: Outputs, last_checkpoint: Optional[str]) -> tuple[Any, HostRecord, Any, Optional[str]]:
+    """One update chunk, its evaluation, logging and checkpoint: (state, record, metrics, last checkpoint)."""
+    arch, system = settings.arch, setup.system
+    start = time.perf_counter()
+    state, metrics = chunk(state)
+    metrics = jax.device_get(metrics)
+    elapsed = time.perf_counter() - start
+    params = stacked_eval_params(system, state)
+    problem = non_finite(metrics, getattr(state, "params", params))
+    if problem is not None:
+        raise NonFiniteError(non_finite_message(problem, index, settings, last_checkpoint, out.results.path))
+    step = index * settings.steps_per_chunk
+    evaluation = Evaluation(index, step, record.train_seconds + elapsed, evaluate(params, index))
+    evaluation.metrics["steps_per_second"] = np.full(arch.num_seeds, settings.steps_per_chunk * arch.num_seeds / elapsed)
+    record = improve_best(record, params, evaluation.metrics["mean_episode_return"])
+    record = dataclasses.replace(record, evaluations=record.evaluations + [evaluation], train_seconds=evaluation.elapsed)
+    out.reporter.evaluation(evaluation, train_summary(metrics))
+    interval = settings.logger.checkpoint.interval
+    if out.checkpointer is not None and (index % interval == 0 or index == arch.num_evaluation):
+        last_checkpoint = save_checkpoint(out.checkpointer, index, state, params, record, out.meta)
+    return state, record, metrics, last_checkpoint
+
+
+def finish(record: HostRecord, evaluate: Callable, setup: Setup, settings: Settings, out: Outputs,
+           compile_seconds: float) -> tuple[Optional[dict[str, np.ndarray]], np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Absolute metric, JSON, plot: (absolute metrics, eval steps, returns (E+1, S), win rates)."""
+    arch, primary, say = settings.arch, jax.process_index() == 0, out.reporter.say
+    absolute = None
+    if arch.absolute_metric:
+        episodes = arch.num_absolute_metric_eval_episodes
+        best = jax.device_put(record.best_params, NamedSharding(setup.mesh, P()))
+        absolute = evaluate(best, ABSOLUTE_INDEX, episodes)
+        out.reporter.absolute(absolute, episodes)
+    if primary:
+        out.results.write()
+    out.reporter.console.close()
+    steps = np.asarray([e.step for e in record.evaluations])
+    returns = np.stack([e.metrics["mean_episode_return"] for e in record.evaluations])
+    wins = np.stack([e.metrics["win_rate"] for e in record.evaluations]) if setup.env.spec.has_win else None
+    if settings.logger.plot and primary:
+        plot_path = os.path.join(out.run_dir, "learning_curve.png")
+        plot_learning_curve(plot_path, steps, returns, f"{settings.system.name} {settings.env.name}/{settings.env.task}",
+                            wins, None if absolute is None else absolute["mean_episode_return"])
+        out.neptune.upload("results/learning_curve", plot_path)
+    out.neptune.upload("results/metrics_json", out.results.path)
+    say(f"trained {settings.total_steps * arch.num_seeds:,} steps in {record.train_seconds:.1f}s "
+        f"(+{compile_seconds:.1f}s compile); results in {out.run_dir}")
+    return absolute, steps, returns, wins
+
+
 def run(
     settings: Settings,
     build_system: SystemBuilder,
@@ -468,113 +425,49 @@ def run(
     log: Optional[Callable[[str], None]] = None,
 ) -> RunResult:
     """Trains ``settings.arch.num_seeds`` seeds of a system and evaluates them (Mava's protocol)."""
-    arch, logcfg = settings.arch, settings.logger
-    console = Console(settings.total_steps, arch.num_evaluation, logcfg.progress, logcfg.log_every, sink=log)
+    arch = settings.arch
+    console = Console(settings.total_steps, arch.num_evaluation, settings.logger.progress, settings.logger.log_every,
+                      sink=log)
     say = console.print
-    primary = jax.process_index() == 0
     setup = prepare(settings, build_system)
-    system, algorithm = setup.system, settings.system.name
-
     resume_point = find_resume_point(settings, run_dir, say)
     if resume_point is not None:
         run_dir = os.path.dirname(resume_point[0])  # a resumed run keeps writing its own folder
-    run_dir = run_dir or default_run_dir(settings)
-    os.makedirs(run_dir, exist_ok=True)
-    seeds = list(range(arch.seed, arch.seed + arch.num_seeds))
-    results = MarlEvalJson(logcfg.json_path or os.path.join(run_dir, "metrics.json"),
-                           settings.env.name, settings.env.task, algorithm, seeds)
-    neptune = start_neptune(logcfg.neptune, os.path.basename(os.path.normpath(run_dir)), config_dict(settings),
-                            warn=lambda text: say(f"warning: {text}"), say=say) if primary else NeptuneLogger(None, "off", say)
-    reporter = Reporter(settings, console, say, results, neptune, primary)
-    checkpoint_dir = os.path.join(run_dir, "checkpoints") if logcfg.checkpoint.enabled else None
-    checkpointer = (checkpointing.Checkpointer(checkpoint_dir, logcfg.checkpoint.max_to_keep, logcfg.checkpoint.keep_best)
-                    if checkpoint_dir else None)
-    meta_static = {"config": config_dict(settings), "num_devices": settings.num_devices,
-                   "system_config": entry_point(type(settings.system)), "build_system": entry_point(build_system),
-                   "seeds": seeds, "num_evaluation": arch.num_evaluation}
-
+    out = open_outputs(settings, build_system, run_dir or default_run_dir(settings), console,
+                       setup.system.console_metrics)
     try:
-        say(f"{algorithm} on {settings.env.name}/{settings.env.task}: {arch.num_seeds} seed(s), "
+        say(f"{settings.system.name} on {settings.env.name}/{settings.env.task}: {arch.num_seeds} seed(s), "
             f"{settings.num_devices} device(s), {arch.num_envs} envs, "
             f"{settings.num_updates_per_eval * arch.num_evaluation} updates; compiling...")
-        state = initial_state(setup, settings)
-        last_checkpoint: Optional[str] = None
-        if resume_point is not None:  # restored onto the fresh state's shapes and shardings
-            state, record = restore_run(resume_point, state, system, settings, say)
-            last_checkpoint = checkpointing.step_path(*resume_point)
-            reporter.restore(record.evaluations)
-            say(f"resuming from {last_checkpoint} (evaluation {record.chunks_done}/{arch.num_evaluation}, "
-                f"step {record.evaluations[-1].step:,})")
-        chunk, compile_seconds = compile_update_chunk(system, settings, setup.mesh, state)
+        state, record, last_checkpoint = start_state(setup, settings, resume_point, out, say)
+        chunk, compile_seconds = compile_update_chunk(setup.system, settings, setup.mesh, state)
         evaluate = make_evaluate(setup, settings)
-        say(f"compiled in {compile_seconds:.1f}s; run folder {run_dir}")
-        if resume_point is None:
-            params = stacked_eval_params(system, state)
+        say(f"compiled in {compile_seconds:.1f}s; run folder {out.run_dir}")
+        if record is None:
+            params = stacked_eval_params(setup.system, state)
             first = Evaluation(0, 0, 0.0, evaluate(params, 0))
             record = HostRecord([first], first.metrics["mean_episode_return"].copy(), jax.device_get(params))
-            reporter.initial(first)
-
+            out.reporter.initial(first)
         train_metrics: list[dict[str, np.ndarray]] = []
         console.start(record.evaluations[-1].step)
         for index in range(record.chunks_done + 1, arch.num_evaluation + 1):
-            start = time.perf_counter()
-            state, metrics = chunk(state)
-            metrics = jax.device_get(metrics)
-            elapsed = time.perf_counter() - start
-            params = stacked_eval_params(system, state)
-            problem = non_finite(metrics, getattr(state, "params", params))
-            if problem is not None:
-                raise NonFiniteError(non_finite_message(problem, index, settings, last_checkpoint, results.path))
+            state, record, metrics, last_checkpoint = train_chunk(state, record, index, chunk, evaluate, setup,
+                                                                  settings, out, last_checkpoint)
             train_metrics.append(metrics)
-            step = index * settings.steps_per_chunk
-            evaluation = Evaluation(index, step, record.train_seconds + elapsed, evaluate(params, index))
-            evaluation.metrics["steps_per_second"] = np.full(arch.num_seeds, settings.steps_per_chunk * arch.num_seeds / elapsed)
-            record = improve_best(record, params, evaluation.metrics["mean_episode_return"])
-            record = dataclasses.replace(record, evaluations=record.evaluations + [evaluation],
-                                         train_seconds=evaluation.elapsed)
-            reporter.evaluation(evaluation, train_summary(metrics))
-            if checkpointer is not None and (index % logcfg.checkpoint.interval == 0 or index == arch.num_evaluation):
-                last_checkpoint = save_checkpoint(checkpointer, index, state, params, record, meta_static)
-
-        absolute = None
-        if arch.absolute_metric:
-            episodes = arch.num_absolute_metric_eval_episodes
-            best = jax.device_put(record.best_params, NamedSharding(setup.mesh, P()))
-            absolute = evaluate(best, ABSOLUTE_INDEX, episodes)
-            reporter.absolute(absolute, episodes)
-        if primary:
-            results.write()
-        console.close()
-        steps = np.asarray([e.step for e in record.evaluations])
-        returns = np.stack([e.metrics["mean_episode_return"] for e in record.evaluations])
-        wins = (np.stack([e.metrics["win_rate"] for e in record.evaluations])
-                if setup.env.spec.has_win else None)
-        if logcfg.plot and primary:
-            plot_path = os.path.join(run_dir, "learning_curve.png")
-            plot_learning_curve(plot_path, steps, returns, f"{algorithm} {settings.env.name}/{settings.env.task}",
-                                wins, None if absolute is None else absolute["mean_episode_return"])
-            neptune.upload("results/learning_curve", plot_path)
-        neptune.upload("results/metrics_json", results.path)
-        say(f"trained {settings.total_steps * arch.num_seeds:,} steps in {record.train_seconds:.1f}s "
-            f"(+{compile_seconds:.1f}s compile); results in {run_dir}")
+        absolute, steps, returns, wins = finish(record, evaluate, setup, settings, out, compile_seconds)
+        if setup.system.report is not None and jax.process_index() == 0 and settings.logger.plot:
+            setup.system.report(out.run_dir, train_metrics)
     finally:
         console.close()
-        neptune.close()
-        if checkpointer is not None:
-            checkpointer.close()
+        out.neptune.close()
+        if out.checkpointer is not None:
+            out.checkpointer.close()
     return RunResult(
-        settings=settings,
-        learner_state=state,
-        eval_steps=steps,
-        eval_returns=returns,
-        eval_win_rates=wins,
+        settings=settings, learner_state=state, eval_steps=steps, eval_returns=returns, eval_win_rates=wins,
         absolute_return=None if absolute is None else absolute["mean_episode_return"],
         absolute_win_rate=None if absolute is None else absolute.get("win_rate"),
-        train_metrics=train_metrics,
-        compile_seconds=compile_seconds,
-        train_seconds=record.train_seconds,
-        run_dir=run_dir,
-        checkpoint_dir=checkpoint_dir,
+        train_metrics=train_metrics, compile_seconds=compile_seconds, train_seconds=record.train_seconds,
+        run_dir=out.run_dir, checkpoint_dir=out.checkpoint_dir,
         resumed_from=None if resume_point is None else resume_point[1],
     )
 
@@ -594,61 +487,6 @@ def non_finite_message(problem: tuple[int, list[int], list[str]], index: int, se
     saved = f" Evaluations so far are in {results_path}." if os.path.exists(results_path) else ""
     return (f"non-finite {', '.join(names) or 'values'} at update {global_update} (env step {step:,}) "
             f"of seed(s) {seed_ids}: training stopped. {where}{saved}")
-
-
-def save_checkpoint(checkpointer: checkpointing.Checkpointer, index: int, state: Any, params: Any,
-                    record: HostRecord, meta_static: dict[str, Any]) -> str:
-    """Checkpoint ``index``: learner state, host record, and the evaluation parameters on their own
-    (``params``, so that evaluation can load them without the learner state)."""
-    meta = {**meta_static, "eval_index": index, "env_steps": record.evaluations[-1].step,
-            "train_seconds": record.train_seconds, "evaluations": [e.to_json() for e in record.evaluations]}
-    host = {"best_params": record.best_params, "best_return": np.asarray(record.best_return, np.float64),
-            "params": params}
-    score = float(np.mean(record.evaluations[-1].metrics["mean_episode_return"]))
-    return checkpointer.save(index, state, host, meta, score)
-
-
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any], explicit: bool, where: str) -> list[str]:
-    """Differences between a checkpoint's training config and this run's that resuming may accept.
-
-    None for an exact resume. On an explicit ``logger.resume=<path>``, changed ``system.*``
-    hyperparameters (not ``system.name``) are accepted and returned, e.g. a lower learning rate after
-    a divergence; anything else raises ``CheckpointError`` listing the differences.
-    """
-    a, b = _flat(saved), _flat(current)
-    changed = [key for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)]
-    if not changed:
-        return []
-    differences = config_differences(saved, current)
-    if explicit and all(key.startswith("system.") and key != "system.name" for key in changed):
-        return differences
-    hint = "" if explicit else " (an explicit logger.resume=<run folder> accepts changed system.* hyperparameters)"
-    raise CheckpointError(f"cannot resume from {where}: its config differs from this run's "
-                          f"({'; '.join(differences)}){hint}")
-
-
-def restore_run(point: tuple[str, int], target: Any, system: System, settings: Settings,
-                say: Callable[[str], None] = print) -> tuple[Any, HostRecord]:
-    """Learner state (re-sharded like ``target``) and host record of checkpoint ``point``."""
-    directory, step = point
-    where = checkpointing.step_path(directory, step)
-    meta = checkpointing.read_meta(directory, step)
-    try:
-        saved = saved_training_config(meta, type(settings.system))
-    except ConfigError as err:
-        raise CheckpointError(f"cannot resume from {where}: its config is not valid for this code ({err})") from err
-    changed = check_resume_config(saved, training_config(config_dict(settings), settings.num_devices),
-                                  explicit=isinstance(settings.logger.resume, str), where=where)
-    if changed:
-        say(f"warning: resuming with changed hyperparameters ({'; '.join(changed)}); from here on the run "
-            "differs from the one that wrote the checkpoint")
-    params = stacked_eval_params(system, target)
-    host_target = {"best_params": jax.device_get(params), "best_return": np.zeros(settings.arch.num_seeds, np.float64),
-                   "params": params}
-    state, host, meta = checkpointing.restore(directory, step, target, host_target)
-    evaluations = [Evaluation.from_json(e) for e in meta["evaluations"]]
-    record = HostRecord(evaluations, np.asarray(host["best_return"]), host["best_params"], float(meta["train_seconds"]))
-    return state, record
 
 
 def run_from_config(cfg: Any, system_cls: type, build_system: SystemBuilder) -> float:

@@ -13,8 +13,8 @@ from systems.anakin import run_from_config
 from systems.stages import StageConfig, make_stage_system, simultaneous
 
 
-def build(settings, spec, vec_env):
-    return make_stage_system(settings, spec, vec_env, simultaneous(spec.num_agents))
+def build(settings, spec, vec_env, nets=None):
+    return make_stage_system(settings, spec, vec_env, simultaneous(spec.num_agents), nets)
 
 CONFIG = StageConfig
 

@@ -33,7 +33,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from systems.anakin import Setup, init_learner_states, make_evaluate, prepare, stacked_eval_params
+from systems.anakin import Setup, init_learner_states, make_evaluate, prepare
+from systems.contract import stacked_eval_params
 from systems.settings import Settings, load_settings
 from utils import checkpointing
 from utils.checkpointing import CheckpointError, load_entry_point

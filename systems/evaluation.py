@@ -6,7 +6,7 @@ done, at most ``time_limit`` steps). Episodes are split over devices; seeds are 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,19 +14,28 @@ from jax import Array
 from jax.sharding import Mesh, PartitionSpec as P
 
 from envs.types import MarlEnv, TimeStep
+from systems.contract import ActFn
 from utils.devices import DEVICE_AXIS
-
-
-class ActFn(Protocol):
-    """(params, timestep (N, A, ...), key, actor_state, greedy) -> (action (N, A, ...), actor_state)."""
-
-    def __call__(self, params: Any, timestep: TimeStep, key: Array, actor_state: Any, greedy: bool) -> tuple[Array, Any]: ...
 
 
 class EvalResult(NamedTuple):
     episode_return: Array  # (..., N) return of each evaluation episode (sum over time of agent-mean reward)
     episode_length: Array  # (..., N)
     won_episode: Array  # (..., N) bool
+
+
+class EvalCarry(NamedTuple):
+    """The evaluation loop's state (N eval envs, each playing its first episode)."""
+
+    env_state: Any
+    timestep: TimeStep  # (N, A, ...)
+    actor_state: Any  # e.g. the recurrent actor's hidden state, None for feed-forward
+    key: Array
+    t: Array  # () steps taken
+    done: Array  # (N,) the env's episode has ended
+    ret: Array  # (N,) return so far (sum over time of the agent-mean reward)
+    length: Array  # (N,)
+    won: Array  # (N,)
 
 
 def run_episodes(
@@ -42,27 +51,28 @@ def run_episodes(
     reset_key, act_key = jax.random.split(key)
     env_state, timestep = jax.vmap(env.reset)(jax.random.split(reset_key, num_episodes))
     zeros = jnp.zeros((num_episodes,), jnp.float32)
-    init = (env_state, timestep, init_actor_state(num_episodes), act_key, jnp.zeros((), jnp.int32),
-            jnp.zeros((num_episodes,), bool), zeros, zeros, jnp.zeros((num_episodes,), bool))
+    no = jnp.zeros((num_episodes,), bool)
+    init = EvalCarry(env_state, timestep, init_actor_state(num_episodes), act_key, jnp.zeros((), jnp.int32),
+                     no, zeros, zeros, no)
 
-    def not_finished(carry: tuple) -> Array:
-        return (~carry[5].all()) & (carry[4] < env.time_limit)
+    def not_finished(carry: EvalCarry) -> Array:
+        return (~carry.done.all()) & (carry.t < env.time_limit)
 
-    def step(carry: tuple) -> tuple:
-        env_state, timestep, actor_state, key, t, done, ret, length, won = carry
-        key, step_key = jax.random.split(key)
-        action, actor_state = act(params, timestep, step_key, actor_state, greedy)
-        env_state, timestep = jax.vmap(env.step)(env_state, action)
-        running = ~done
-        ret = ret + jnp.where(running, timestep.reward.mean(axis=-1), 0.0)
-        length = length + running
+    def step(carry: EvalCarry) -> EvalCarry:
+        key, step_key = jax.random.split(carry.key)
+        action, actor_state = act(params, carry.timestep, step_key, carry.actor_state, greedy)
+        env_state, timestep = jax.vmap(env.step)(carry.env_state, action)
+        running = ~carry.done
         ended = running & timestep.last()
+        won = carry.won
         if "won_episode" in timestep.extras:
             won = won | (ended & timestep.extras["won_episode"].astype(bool))
-        return env_state, timestep, actor_state, key, t + 1, done | ended, ret, length, won
+        return EvalCarry(env_state, timestep, actor_state, key, carry.t + 1, carry.done | ended,
+                         carry.ret + jnp.where(running, timestep.reward.mean(axis=-1), 0.0),
+                         carry.length + running, won)
 
     carry = jax.lax.while_loop(not_finished, step, init)
-    return EvalResult(carry[6], carry[7], carry[8])
+    return EvalResult(carry.ret, carry.length, carry.won)
 
 
 def make_evaluator(

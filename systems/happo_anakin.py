@@ -12,15 +12,15 @@ import hydra
 from omegaconf import DictConfig
 
 from systems.anakin import run_from_config
-from systems.stages import Plan, StageConfig, from_order, make_stage_system, random_order
+from systems.stages import Plan, StageConfig, from_order, keyed, make_stage_system, random_order
 
 
 def happo_plan(num_agents: int) -> Plan:
-    return Plan(lambda key, score: from_order(random_order(key, num_agents)), num_stages=num_agents, singleton=True)
+    return Plan(keyed(lambda key, score: from_order(random_order(key, num_agents))), num_stages=num_agents, capacity=1)
 
 
-def build(settings, spec, vec_env):
-    return make_stage_system(settings, spec, vec_env, happo_plan(spec.num_agents))
+def build(settings, spec, vec_env, nets=None):
+    return make_stage_system(settings, spec, vec_env, happo_plan(spec.num_agents), nets)
 
 CONFIG = StageConfig
 

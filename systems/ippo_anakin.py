@@ -1,5 +1,9 @@
 """IPPO: independent PPO learners (critic on each agent's own view), all agents updated at once.
 
+The stage engine's one-stage plan. With separate parameters the agents share one joint loss,
+advantage normalisation and gradient-norm clip (Mava's convention, ``system.per_agent_losses=false``);
+``system.per_agent_losses=true`` gives each agent its own.
+
     python systems/ippo_anakin.py env=rware env.task=tiny-4ag arch.num_seeds=3
 """
 
@@ -7,10 +11,14 @@ import hydra
 from omegaconf import DictConfig
 
 from systems.anakin import run_from_config
-from systems.ppo import PPOConfig, make_ppo_system
+from systems.ppo import PPOConfig
+from systems.stages import make_stage_system, simultaneous
 
 CONFIG = PPOConfig
-build = make_ppo_system
+
+
+def build(settings, spec, vec_env, nets=None):
+    return make_stage_system(settings, spec, vec_env, simultaneous(spec.num_agents), nets)
 
 
 @hydra.main(config_path="../configs", config_name="ippo", version_base=None)

@@ -20,6 +20,18 @@ def small_settings(config: str, system_cls, overrides: list[str], results_dir: s
     return load_settings(compose_config(config, base + overrides), system_cls)
 
 
+def bypassed_gru_nets(settings, spec):
+    """The recurrent networks ``network.*`` asks for with the GRU replaced by the identity."""
+    from networks.policy import recurrent
+    from networks.recurrent import make_recurrent_actor_critic
+
+    net = settings.network
+    return recurrent(make_recurrent_actor_critic(
+        spec, pre_layers=net.rnn_pre_layers, hidden_size=net.rnn_hidden_size, post_layers=net.rnn_post_layers,
+        activation=net.activation, use_layer_norm=net.use_layer_norm, parameter_sharing=net.parameter_sharing,
+        add_agent_id=net.add_agent_id, centralised_critic=settings.system.centralised_critic, use_gru=False))
+
+
 def rec_to_ff(rec):
     """Recurrent params (pre [n] -> bypassed GRU -> post [n] -> head) as the FF MLP [n, n] tree."""
     inner = dict(rec["head"]["params"]["head"])

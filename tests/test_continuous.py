@@ -79,7 +79,7 @@ def test_env_action_is_in_bounds_and_mode_is_scaled_tanh_mean():
 
 def test_mappo_learns_mpe_simple_spread(tmp_results):
     from systems.anakin import run
-    from systems.ppo import PPOConfig, make_ppo_system
+    from systems.mappo_anakin import CONFIG as PPOConfig, build as make_ppo_system
 
     settings = small_settings("mappo", PPOConfig, [
         "env=mpe", "env.task=simple_spread_3ag", "arch.num_envs=32", "arch.num_devices=1",

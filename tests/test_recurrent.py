@@ -4,13 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_same_metrics, rec_to_ff, small_settings
+from helpers import assert_same_metrics, bypassed_gru_nets, rec_to_ff, small_settings
 
 from envs.types import EnvSpec, Observation
 from envs.vector import AutoResetVecEnv
 from networks.recurrent import make_recurrent_actor_critic
 from systems.anakin import init_learner_states, make_envs
-from systems.ppo import PPOConfig, make_ppo_system
+from systems.mappo_anakin import build as make_ppo_system
+from systems.ppo import PPOConfig
 
 SMALL = ["arch.num_envs=4", "arch.num_devices=1", "system.rollout_length=32", "arch.total_timesteps=256",
          "arch.num_evaluation=1", "system.num_minibatches=1"]
@@ -58,7 +59,7 @@ def test_bypassed_gru_equals_feed_forward_ppo(tmp_results, config="mappo", env="
                                                               "network.critic_layers=[16,16]"], tmp_results)
     train_env, _ = make_envs(rec_settings)
     vec = AutoResetVecEnv(train_env, rec_settings.envs_per_device)
-    rec = make_ppo_system(rec_settings, train_env.spec, vec, use_gru=False)
+    rec = make_ppo_system(rec_settings, train_env.spec, vec, bypassed_gru_nets(rec_settings, train_env.spec))
     ff = make_ppo_system(ff_settings, train_env.spec, vec)
     rec_state = init_learner_states(rec, train_env, rec_settings)
     ff_state = init_learner_states(ff, train_env, ff_settings)

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from helpers import small_settings
 
-from systems import anakin, evaluate as evaluate_cli
+from systems import anakin, evaluate as evaluate_cli, resume
 from systems.anakin import NonFiniteError, run
-from systems.ppo import PPOConfig, make_ppo_system
+from systems.mappo_anakin import build as make_ppo_system
+from systems.ppo import PPOConfig
 from systems.settings import config_dict
 from utils import checkpointing
 from utils.checkpointing import CheckpointError
@@ -90,7 +91,7 @@ def test_run_writes_checkpoints_json_and_evaluates_before_training(trained):
     assert isinstance(seed["step_2"]["mean_episode_return"], list)
     assert seed["absolute_metrics"]["mean_episode_return"] == [pytest.approx(float(trained.absolute_return[0]))]
     meta = checkpointing.read_meta(trained.checkpoint_dir, 3)
-    assert meta["config"]["arch"]["num_envs"] == 8 and meta["build_system"] == "systems.ppo:make_ppo_system"
+    assert meta["config"]["arch"]["num_envs"] == 8 and meta["build_system"] == "systems.mappo_anakin:build"
 
 
 def test_resume_after_a_kill_equals_the_uninterrupted_run(trained, tmp_path, monkeypatch):
@@ -140,35 +141,35 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(trained, tmp_path, mon
 def test_resume_true_finds_the_latest_matching_run_or_starts_fresh(trained, tmp_path):
     say = []
     settings = settings_for(tmp_path, ["logger.resume=true"])
-    assert anakin.find_resume_point(settings, None, say.append) is None and "starting a new run" in say[0]
+    assert resume.find_resume_point(settings, None, say.append) is None and "starting a new run" in say[0]
     shutil.copytree(trained.run_dir, tmp_path / "old")
     other = settings_for(tmp_path, ["logger.resume=true", "system.clip_eps=0.3"])
-    assert anakin.find_resume_point(other, None, say.append) is None  # a different config is not resumed
+    assert resume.find_resume_point(other, None, say.append) is None  # a different config is not resumed
     assert "different config" in say[-1] and "system.clip_eps" in say[-1] and "starting a new run" in say[-1]
-    directory, step = anakin.find_resume_point(settings, None, say.append)
+    directory, step = resume.find_resume_point(settings, None, say.append)
     assert directory == str(tmp_path / "old" / "checkpoints") and step == 3
     explicit = settings_for(tmp_path, [f"logger.resume={tmp_path / 'old'}"])
-    assert anakin.find_resume_point(explicit, None, say.append) == (directory, 3)
+    assert resume.find_resume_point(explicit, None, say.append) == (directory, 3)
     # A key added to the code after the checkpoint was written takes its default: still the same config.
     meta = json.loads(json.dumps(checkpointing.read_meta(directory, 3)))
     del meta["config"]["network"]["activation"]
-    assert anakin.saved_training_config(meta, PPOConfig) == anakin.training_config(
+    assert resume.saved_training_config(meta, PPOConfig) == resume.training_config(
         config_dict(settings), settings.num_devices)
     with pytest.raises(CheckpointError, match="config differs.*system.clip_eps.*explicit logger.resume"):
-        anakin.restore_run((directory, 3), None, None, settings_for(tmp_path, ["system.clip_eps=0.3"]))
+        resume.restore_run((directory, 3), None, None, settings_for(tmp_path, ["system.clip_eps=0.3"]))
 
 
 def test_explicit_resume_accepts_changed_system_hyperparameters_only():
     saved = {"arch": {"num_envs": 8}, "system": {"name": "mappo", "actor_lr": 1.0}, "devices": 2}
     lower_lr = {**saved, "system": {"name": "mappo", "actor_lr": 0.1}}
-    assert anakin.check_resume_config(saved, saved, explicit=False, where="c") == []
-    assert "system.actor_lr" in anakin.check_resume_config(saved, lower_lr, explicit=True, where="c")[0]
+    assert resume.check_resume_config(saved, saved, explicit=False, where="c") == []
+    assert "system.actor_lr" in resume.check_resume_config(saved, lower_lr, explicit=True, where="c")[0]
     with pytest.raises(CheckpointError, match="system.actor_lr"):
-        anakin.check_resume_config(saved, lower_lr, explicit=False, where="c")  # resume=true: exact only
+        resume.check_resume_config(saved, lower_lr, explicit=False, where="c")  # resume=true: exact only
     for other in ({**saved, "arch": {"num_envs": 16}}, {**saved, "devices": 1},
                   {**saved, "system": {"name": "ippo", "actor_lr": 1.0}}):
         with pytest.raises(CheckpointError, match="config differs"):
-            anakin.check_resume_config(saved, other, explicit=True, where="c")
+            resume.check_resume_config(saved, other, explicit=True, where="c")
 
 
 def test_wrong_or_corrupt_checkpoints_give_clear_errors(trained, tmp_path, capsys):

@@ -18,7 +18,8 @@ from systems.stages import (
     blocks_from_order,
     from_order,
     preopc,
-    schedule_of,
+    ScheduleContext,
+    schedule_score,
     semi_greedy_order,
     surrogate_loss,
 )
@@ -177,7 +178,7 @@ def test_schedule_is_identical_on_every_device_even_with_different_data():
                      jnp.tile(jnp.array([0.0, 0.0, 1.0, 6.0, 0.0]), (4, 3, 1))]).reshape(8, 3, 5)
 
     def per_device(adv, key):
-        sched = schedule_of(plan, key, adv)
+        sched = plan.schedule(ScheduleContext(None, key, schedule_score(adv), None, adv))
         return sched.stage[None], sched.position[None]
 
     f = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(DEVICE_AXIS), P()),

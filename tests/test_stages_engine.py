@@ -11,14 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_same_metrics, rec_to_ff, small_settings
+from helpers import assert_same_metrics, bypassed_gru_nets, rec_to_ff, small_settings
 
 from envs.types import EnvSpec, MarlEnv, Observation, make_timestep, tiled_global_state
 from envs.vector import AutoResetVecEnv
 from systems import a2po_anakin, coppo_anakin, happo_anakin
 from systems.anakin import init_learner_states, make_update_chunk, shard_state
-from systems.ppo import PPOConfig, make_ppo_system
-from systems.stages import Plan, Schedule, StageConfig, make_stage_system
+from systems.mappo_anakin import build as make_ppo_system
+from systems.ppo import PPOConfig
+from systems.stages import Plan, Schedule, StageConfig, keyed, make_stage_system
 from utils.devices import make_mesh
 
 
@@ -108,13 +109,13 @@ def test_one_stage_with_every_agent_is_the_plain_ppo_update(tmp_results):
 
 
 def fixed_plan():
-    """Two stages: agent 1 first, then agent 0; agent 2 is scheduled for a stage that never runs.
-    Not ``singleton``: the vmap + where path (gather/scatter only touches the stage's agent anyway)."""
+    """Two stages: agent 1 first, then agent 0; agent 2's stage (2) is past the schedule's L = 2, so
+    it never runs. No capacity: the vmap + where path (a gather only touches the stage's agent anyway)."""
 
     def schedule(key, score):
-        return Schedule(jnp.array([1, 0, 2], jnp.int32), jnp.array([2, 1, 3], jnp.int32))
+        return Schedule(jnp.array([1, 0, 2], jnp.int32), jnp.array([2, 1, 3], jnp.int32), jnp.asarray(2, jnp.int32))
 
-    return Plan(schedule, num_stages=2, singleton=False)
+    return Plan(keyed(schedule), num_stages=2)
 
 
 def test_agents_outside_the_stages_stay_bit_identical(tmp_results):
@@ -173,7 +174,7 @@ def test_bypassed_gru_stage_engine_takes_the_feed_forward_steps(tmp_results, con
         plan = a2po_anakin.a2po_plan(rec_settings.system, 3, sharing == "shared")
     else:
         plan = happo_anakin.happo_plan(3)
-    rec = make_stage_system(rec_settings, env.spec, vec, plan, use_gru=False)
+    rec = make_stage_system(rec_settings, env.spec, vec, plan, bypassed_gru_nets(rec_settings, env.spec))
     ff = make_stage_system(ff_settings, env.spec, vec, plan)
     rec_state, ff_state = init_learner_states(rec, env, rec_settings), init_learner_states(ff, env, ff_settings)
     ff_state = ff_state._replace(params=type(rec_state.params)(*(jax.vmap(rec_to_ff)(p) for p in rec_state.params)))

@@ -8,7 +8,8 @@ from helpers import small_settings
 
 from envs.vector import AutoResetVecEnv
 from systems.anakin import init_learner_states, make_envs, make_update_chunk, run, shard_state
-from systems.ppo import PPOConfig, make_ppo_system
+from systems.mappo_anakin import build as make_ppo_system
+from systems.ppo import PPOConfig
 from utils.devices import make_mesh
 
 

@@ -3,6 +3,7 @@ checked after every refactor (``tests/test_golden.py``). A refactor that changes
 reproduce them bit for bit on the machine that recorded them.
 
     python tests/golden/runs.py record     # writes tests/golden/params.npz (on purpose only)
+    python tests/golden/runs.py record coppo-ff-shared ...   # re-records those runs only
     python tests/golden/runs.py check      # bit-exact comparison, one line per run
 """
 
@@ -57,9 +58,15 @@ def machine() -> str:
     return f"{platform.machine()} {platform.processor()} jax {jax.__version__}"
 
 
-def record() -> None:
+def record(only: list[str] | None = None) -> None:
+    """Records every run, or re-records the runs named in ``only`` (keeping the others)."""
     out = {"__machine__": np.asarray(machine())}
+    if only:
+        old = np.load(PATH)
+        out.update({key: old[key] for key in old.files if key.split("|")[0] not in only and key != "__machine__"})
     for run in RUNS:
+        if only and name(*run) not in only:
+            continue
         for path, leaf in final_params(*run).items():
             out[f"{name(*run)}|{path}"] = leaf
         print("recorded", name(*run), flush=True)
@@ -93,8 +100,8 @@ def check() -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["record"]:
-        record()
+    if sys.argv[1:2] == ["record"]:
+        record(sys.argv[2:])
     elif sys.argv[1:] == ["check"]:
         sys.exit(1 if check() else 0)
     else:

@@ -1,0 +1,92 @@
+"""The stage engine's open parts: variable stage counts, empty stages, capacity gathers, the
+combined A2PO x CoPPO surrogate, per-stage reports and the after-stages hook."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_stages_engine import leaves, run_updates
+
+from systems.a2po_anakin import A2POConfig
+from systems.policy import Params
+from systems.stages import HookResult, Plan, Schedule, keyed, make_stage_system, surrogate_loss
+
+ENGINE = ["system.surrogate=a2po_coppo", "system.advantage=preopc", "system.adaptive_clip=true",
+          "system.critic_update=stage"]
+
+
+def fixed(stage, num_stages, max_stages, **plan_kw):
+    stage = jnp.asarray(stage, jnp.int32)
+
+    def schedule(key, score):
+        return Schedule(stage, jnp.arange(1, stage.shape[0] + 1, dtype=jnp.int32), jnp.asarray(num_stages, jnp.int32))
+
+    return Plan(keyed(schedule), num_stages=max_stages, **plan_kw)
+
+
+def updated(plan, sharing, tmp, updates=1):
+    build = lambda s, spec, vec: make_stage_system(s, spec, vec, plan)  # noqa: E731
+    before, after, metrics = run_updates("a2po", A2POConfig, build, [f"network.parameter_sharing={sharing}"] + ENGINE,
+                                         3, updates=updates, tmp=tmp)
+    return before, after, metrics
+
+
+@pytest.mark.parametrize("sharing,capacity", [("shared", None), ("separate", None), ("separate", 2)])
+def test_an_empty_stage_is_an_exact_no_op(tmp_results, sharing, capacity):
+    """Every agent in stage 0; running L = 2 stages (stage 1 empty) must equal running L = 1, for
+    parameters and every optimiser-state leaf (no Adam step, no momentum on zero gradients)."""
+    _, one, _ = updated(fixed([0, 0, 0], 1, 3, capacity=capacity), sharing, tmp_results, updates=2)
+    _, two, _ = updated(fixed([0, 0, 0], 2, 3, capacity=capacity), sharing, tmp_results, updates=2)
+    for a, b in zip(leaves((one.params, one.opt_states)), leaves((two.params, two.opt_states))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_capacity_gather_equals_the_vmap_and_select_update(tmp_results):
+    """Separate parameters, stages {0, 1} then {2}: gathering a stage's members into 2 slots gives
+    the update of the full vmapped step with non-members selected away (float tolerance)."""
+    before, full, _ = updated(fixed([0, 0, 1], 2, 2), "separate", tmp_results, updates=2)
+    _, gathered, _ = updated(fixed([0, 0, 1], 2, 2, capacity=2), "separate", tmp_results, updates=2)
+    for a, b, init in zip(leaves(full.params), leaves(gathered.params), leaves(before.params)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        assert not np.array_equal(a, init)
+    for a, b in zip(leaves(full.opt_states), leaves(gathered.opt_states)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_combined_surrogate_multiplies_the_preceding_and_coupling_factors():
+    rng = np.random.default_rng(0)
+    logp, old = (jnp.asarray(rng.normal(size=(5, 3)) * 0.3) for _ in range(2))
+    adv, prec = jnp.asarray(rng.normal(size=(5, 3))), jnp.asarray(rng.normal(size=(5, 3)) * 0.2)
+    eps, others = 0.2, 0.1
+    got = surrogate_loss(logp, old, adv, prec, "a2po_coppo", eps, others)
+    own = np.asarray(logp - old)
+    g = (np.clip(np.exp(np.asarray(prec)), 1 - others, 1 + others)
+         * np.clip(np.exp(own.sum(-1, keepdims=True) - own), 1 - others, 1 + others))
+    r = np.exp(own)
+    want = -np.mean(np.minimum(r * g * adv, np.clip(r * g, 1 - eps, 1 + eps) * adv))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert not math.isclose(float(got), float(surrogate_loss(logp, old, adv, prec, "a2po", eps, others)), rel_tol=1e-3)
+
+
+def test_stage_reports_reach_the_after_stages_hook(tmp_results):
+    """Reports leave the stage loop (members only, one row per stage run); the hook's parameters
+    and metrics are what the update returns."""
+
+    def hook(ctx):
+        gain = ctx.reports.surrogate_after - ctx.reports.surrogate_before
+        critic = jax.tree.map(lambda x: x * 0.0, ctx.params.critic)  # visible in the result
+        metrics = {"gain": gain.sum(), "members": ctx.reports.member.sum(axis=1).astype(jnp.float32),
+                   "kl": ctx.reports.approx_kl}
+        return HookResult(ctx.params._replace(critic=critic), ctx.opt_states, ctx.state.extras, metrics)
+
+    plan = fixed([1, 0, 1], 2, 3, capacity=2, reports=True, after_stages=hook)
+    _, after, metrics = updated(plan, "separate", tmp_results)
+    members = np.asarray(metrics["members"])[0, 0]  # (update, seed, stage)
+    np.testing.assert_array_equal(members, [1, 2, 0])  # stage 2 never ran
+    kl = np.asarray(metrics["kl"])[0, 0]
+    assert np.all(kl[0, [0, 2]] == 0) and kl[0, 1] > 0 and np.all(kl[1, [0, 2]] > 0) and np.all(kl[2] == 0)
+    assert np.isfinite(np.asarray(metrics["gain"])).all()
+    assert all(np.all(x == 0) for x in leaves(after.params.critic))
+    assert isinstance(after.params, Params)

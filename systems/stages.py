@@ -649,7 +649,7 @@ def stage_body(eng: Engine, it: Iteration, carry: StageCarry) -> StageCarry:
             adv_full = adv if index is None else put(jnp.zeros_like(it.data.gae_adv), adv, index, 2)
             new = new._replace(reports=stage_report(eng, it, carry, logp, member, adv_full))
         new = new._replace(logp_cur=logp)
-    return new._replace(l=l + 1)
+    return new
 
 
 def run_stages(eng: Engine, it: Iteration, params: Params, opt_states: Params) -> StageCarry:
@@ -666,10 +666,14 @@ def run_stages(eng: Engine, it: Iteration, params: Params, opt_states: Params) -
         return stage_body(eng, it, carry)
 
     def body(c: StageCarry) -> StageCarry:
+        # The stage counter stays outside the cond: under vmap a cond on a per-seed predicate
+        # becomes a select, which would make the counter (and every later cond on it) per-seed.
         if eng.plan.capacity == 1:  # every stage < L holds one agent
-            return stage_body(eng, it, c)
-        occupied = stage_members(eng, it.schedule, c.l).any()
-        return jax.lax.cond(occupied, lambda x: stage_body(eng, it, x), lambda x: x._replace(l=x.l + 1), c)
+            new = stage_body(eng, it, c)
+        else:
+            occupied = stage_members(eng, it.schedule, c.l).any()
+            new = jax.lax.cond(occupied, lambda x: stage_body(eng, it, x), lambda x: x, c)
+        return new._replace(l=c.l + 1)
 
     return jax.lax.while_loop(lambda c: c.l < it.schedule.num_stages, body, carry)
 

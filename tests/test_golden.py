@@ -2,7 +2,7 @@
 parameters bit for bit. Recorded on this project's CPU machines; on a machine whose CPU or jax
 differs from the recording's, float-level differences are tolerated (and the test says so).
 
-Default suite: one run per update path (PPO ff, engine gather/select/shared, recurrent); the other
+Default suite: one run per main update path (listed in FAST); the other
 runs are marked slow (``python -m pytest -m slow tests/test_golden.py`` or ``python tests/golden/runs.py check``).
 """
 
@@ -12,7 +12,7 @@ import pytest
 from golden import runs
 
 FAST = {("mappo", "ff", "shared"), ("ippo", "ff", "separate"), ("a2po", "ff", "separate"),
-        ("coppo", "ff", "shared"), ("happo", "rnn", "shared"), ("a2po", "rnn", "shared")}
+        ("a2po", "rnn", "shared")}  # one-stage shared / joint separate; gather; recurrent blocks + PreOPC
 
 
 def params(run):

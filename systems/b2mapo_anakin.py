@@ -1,0 +1,430 @@
+"""B2MAPO: agents updated batch by batch, the batches from a learned DAG; a derived decentralised
+policy π_ind is what gets executed.
+
+Our reconstruction (the paper's body and code are not public; ``docs/b2mapo.md`` lists what is
+established and which choices are ours, each a ``system.*`` key):
+
+- Upper layer, once per iteration: the generator (``networks.dag.DagGenerator``) reads a context per
+  agent (its mean observation over the rollout, its agent id, its |Â| and std Â relative to the
+  mean), samples a DAG (a Plackett–Luce order plus forward-only Bernoulli edges: acyclic by
+  construction) with its exact log-probability; the DAG's longest-path levels, cut into
+  sub-batches of at most ``max_batch_size``, are the update stages. The generator is trained once
+  per iteration as a one-step decision with PPO (or REINFORCE, ``gen_update``) on the reward
+  R = Σ_stages Σ_members (surrogate after − before) / mean|Â| − β·(stages / n), with the DAG critic
+  (``DagCritic``) as baseline. Every device samples the same DAG (shared key, device-mean context).
+- Lower layer, the stage engine: stage l trains its members with PreOPC advantages over all earlier
+  stages, g = clip(ρ_preceding, 1±ε̃) · clip(Π other members' r, 1±ε̃) (``surrogate=a2po_coppo``)
+  and the adaptive clip C(ε, k), k = agents updated once the stage is done. Members are gathered
+  into a group of ``max_batch_size`` slots (separate parameters), so a stage of k agents costs
+  about capacity/n of an all-agent update.
+- π (``joint_policy=independent``): per-agent actors, separate parameters by default; it collects
+  the data (``collector=joint``; ``derived``: π_ind collects and π learns off-policy).
+- π_ind: a parameter-shared decentralised actor trained every iteration with the MAPPO loss on the
+  same data (ratio against the behaviour policy, clipped), and pulled towards π by
+  ``kl_epochs`` epochs minimising KL(sg π ‖ π_ind) every ``kl_every`` iterations. Evaluation,
+  ``evaluate.py`` and the results JSON use π_ind (``derived_policy=false``: π, an ablation).
+- Ablations (``partition``): ``dag`` (learned), ``random_dag``, ``one_batch`` (CoPPO), ``singletons``
+  (random order: A2PO with a random order), ``semi_greedy`` (A2PO), ``blocks`` (contiguous blocks of
+  a random order, ``num_blocks``).
+
+    python systems/b2mapo_anakin.py                      # lbf 10x10-3p-3f, 3 agents
+    python systems/b2mapo_anakin.py env=rware env.task=tiny-4ag system.partition=random_dag
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, NamedTuple, Optional
+
+import hydra
+import jax
+import jax.numpy as jnp
+import optax
+from jax import Array
+from omegaconf import DictConfig
+
+from envs.types import EnvSpec
+from networks import dag, make_distribution
+from networks.policy import PolicyNets, make_policy_nets
+from systems.anakin import run_from_config
+from systems.policy import Network, Params, make_policy_system, optimisers, policy_model, sample_minibatches
+from systems.ppo import make_optimiser, normalise, ppo_clip_loss
+from systems.stages import (AfterStages, HookResult, Plan, Schedule, ScheduleContext, StageConfig,
+                            actor_critic_networks, make_stage_optimisers, make_stage_update, semi_greedy_order)
+from utils.config import fail, one_of, positive, require
+from utils.devices import DEVICE_AXIS
+
+PARTITIONS = ("dag", "random_dag", "one_batch", "singletons", "semi_greedy", "blocks")
+
+
+@dataclasses.dataclass(frozen=True)
+class B2MAPOConfig(StageConfig):
+    partition: str = "dag"  # see PARTITIONS
+    max_batch_size: Optional[int] = None  # agents gathered per stage; null: ceil(n / 2)
+    num_blocks: int = 2  # partition=blocks
+    random_edge_prob: float = 0.5  # partition=random_dag
+    # the generator (upper layer)
+    gen_lr: float = 3e-4
+    gen_dim: int = 64
+    gen_layers: int = 1
+    gen_epochs: int = 4
+    gen_clip: float = 0.2
+    gen_ent_coef: float = 0.01
+    gen_update: str = "ppo"  # ppo | reinforce
+    batch_cost: float = 0.1  # β: the reward pays β per stage used, over n
+    edge_bias_init: float = 0.0  # initial edge probability sigmoid(edge_bias_init)
+    # the joint policy π and the derived policy π_ind
+    joint_policy: str = "independent"
+    derived_policy: bool = True  # train π_ind and execute it; false: execute π
+    collector: str = "joint"  # joint: π collects | derived: π_ind collects
+    ind_lr: float = 5e-4
+    ind_epochs: Optional[int] = None  # null: ppo_epochs
+    kl_every: int = 1
+    kl_epochs: int = 1
+    kl_coef: float = 1.0
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        one_of(f"{prefix}.partition", self.partition, PARTITIONS)
+        one_of(f"{prefix}.gen_update", self.gen_update, ["ppo", "reinforce"])
+        one_of(f"{prefix}.joint_policy", self.joint_policy, ["independent"])
+        one_of(f"{prefix}.collector", self.collector, ["joint", "derived"])
+        if self.max_batch_size is not None:
+            positive(f"{prefix}.max_batch_size", self.max_batch_size)
+        for key in ("num_blocks", "gen_dim", "gen_layers", "gen_epochs", "kl_every", "kl_epochs"):
+            positive(f"{prefix}.{key}", getattr(self, key))
+        for key in ("gen_lr", "ind_lr", "gen_clip"):
+            positive(f"{prefix}.{key}", getattr(self, key))
+        require(0.0 < self.random_edge_prob < 1.0, f"{prefix}.random_edge_prob", self.random_edge_prob,
+                "must be in (0, 1)")
+        require(self.collector == "joint" or self.derived_policy, f"{prefix}.collector", self.collector,
+                "derived needs system.derived_policy=true")
+
+
+class B2MAPOParams(NamedTuple):
+    actor: Any  # π: per-agent actors (the stage engine trains these and the critic)
+    critic: Any
+    ind: Any  # π_ind: the parameter-shared decentralised actor that is executed
+    generator: Any  # the DAG generator
+    dag_critic: Any  # its baseline
+
+
+class Sampled(NamedTuple):
+    """The generator's action of this iteration (Schedule.extras)."""
+
+    context: Array  # (A, C)
+    order: Array
+    adjacency: Array
+    log_prob: Array
+
+
+class RewardScale(NamedTuple):
+    """Running second moment of the generator's raw advantage (learner-state extras): the
+    advantage is divided by its square root (a one-sample PPO cannot normalise in the batch)."""
+
+    second_moment: Array
+    count: Array
+
+
+class Parts(NamedTuple):
+    """The static pieces the hooks use."""
+
+    cfg: B2MAPOConfig
+    spec: EnvSpec
+    nets: PolicyNets  # π (and the critic)
+    ind_nets: PolicyNets  # π_ind
+    generator: dag.DagGenerator
+    dag_critic: dag.DagCritic
+    opts: B2MAPOParams
+    capacity: Optional[int]
+
+
+# ----------------------------------------------------------------------------------------------
+# Upper layer: context, schedule, generator update
+# ----------------------------------------------------------------------------------------------
+def agent_context(ctx: ScheduleContext, num_agents: int) -> Array:
+    """(A, F + A + 2): mean view over the rollout, one-hot id, |Â| and std Â over the agents' mean
+    |Â|; device-means, so every device builds the same context."""
+    view = ctx.inputs.agents_view.astype(jnp.float32)
+    mean_view = jax.lax.pmean(view.mean(axis=(0, 1)).reshape(num_agents, -1), DEVICE_AXIS)
+    adv = ctx.advantages
+    spread = jax.lax.pmean(jnp.std(adv, axis=(0, 1)), DEVICE_AXIS)
+    scale = jnp.mean(ctx.score) + 1e-8
+    stats = jnp.stack([ctx.score / scale, spread / scale], axis=-1)
+    return jnp.concatenate([mean_view, jnp.eye(num_agents), stats], axis=-1)
+
+
+def partition_of(parts: Parts, ctx: ScheduleContext) -> tuple[dag.Partition, Optional[Sampled]]:
+    cfg, n = parts.cfg, parts.spec.num_agents
+    order_key, _ = jax.random.split(ctx.key)
+    random_order = jax.random.permutation(order_key, n).astype(jnp.int32)
+    if cfg.partition == "one_batch":
+        return dag.one_batch(n), None
+    if cfg.partition == "singletons":
+        return dag.singletons(random_order), None
+    if cfg.partition == "semi_greedy":
+        return dag.singletons(semi_greedy_order(ctx.key, ctx.score)), None
+    if cfg.partition == "blocks":
+        return dag.contiguous_blocks(random_order, cfg.num_blocks), None
+    context = agent_context(ctx, n)
+    if cfg.partition == "random_dag":
+        sample = dag.random_dag(ctx.key, n, cfg.random_edge_prob)
+    else:
+        priority, edge = parts.generator.apply(ctx.state.params.generator, context)
+        sample = dag.sample_dag(ctx.key, priority, edge)
+    partition = dag.batches_from_levels(dag.levels(sample.adjacency), sample.order, parts.capacity)
+    return partition, Sampled(context, sample.order, sample.adjacency, sample.log_prob)
+
+
+def make_schedule(parts: Parts):
+    def schedule(ctx: ScheduleContext) -> Schedule:
+        partition, sampled = partition_of(parts, ctx)
+        return Schedule(partition.stage, partition.position, partition.num_stages, sampled)
+
+    return schedule
+
+
+def generator_reward(parts: Parts, ctx: AfterStages) -> Array:
+    """Σ surrogate gains of the stages over mean|Â|, minus β per stage used (over n)."""
+    reports = ctx.reports
+    gain = jnp.sum(reports.surrogate_after - reports.surrogate_before)
+    gain = jax.lax.pmean(gain, DEVICE_AXIS)
+    scale = jax.lax.pmean(jnp.mean(jnp.abs(ctx.advantages)), DEVICE_AXIS) + 1e-8
+    return gain / scale - parts.cfg.batch_cost * ctx.schedule.num_stages / parts.spec.num_agents
+
+
+def generator_loss(gen_params: Any, parts: Parts, sampled: Sampled, advantage: Array) -> tuple[Array, Array]:
+    cfg = parts.cfg
+    priority, edge = parts.generator.apply(gen_params, sampled.context)
+    log_prob = dag.dag_log_prob(priority, edge, sampled.order, sampled.adjacency)
+    if cfg.gen_update == "reinforce":
+        surrogate = log_prob * advantage
+    else:
+        ratio = jnp.exp(log_prob - sampled.log_prob)
+        surrogate = jnp.minimum(ratio * advantage, jnp.clip(ratio, 1 - cfg.gen_clip, 1 + cfg.gen_clip) * advantage)
+    entropy = dag.dag_entropy(priority, edge)
+    return -surrogate - cfg.gen_ent_coef * entropy, entropy
+
+
+def update_scale(scale: RewardScale, x: Array, decay: float = 0.95) -> RewardScale:
+    return RewardScale(decay * scale.second_moment + (1.0 - decay) * jnp.square(x), scale.count + 1.0)
+
+
+def generator_step(parts: Parts, ctx: AfterStages, params: B2MAPOParams, opt: B2MAPOParams,
+                   stats: RewardScale) -> tuple[B2MAPOParams, B2MAPOParams, RewardScale, dict[str, Array]]:
+    """The generator (``gen_epochs`` PPO steps or one REINFORCE step) and the DAG critic on this
+    iteration's one decision; identical on every device (replicated inputs)."""
+    sampled, cfg = ctx.schedule.extras, parts.cfg
+    reward = generator_reward(parts, ctx)
+    baseline = parts.dag_critic.apply(params.dag_critic, sampled.context)
+    stats = update_scale(stats, reward - baseline)
+    advantage = jax.lax.stop_gradient((reward - baseline) / jnp.sqrt(stats.second_moment + 1e-8))
+
+    def gen_epoch(carry: tuple[Any, Any], _: None) -> tuple[Any, Array]:
+        gen, state = carry
+        grads, entropy = jax.grad(generator_loss, has_aux=True)(gen, parts, sampled, advantage)
+        updates, state = parts.opts.generator.update(grads, state, gen)
+        return (optax.apply_updates(gen, updates), state), entropy
+
+    epochs = 1 if cfg.gen_update == "reinforce" else cfg.gen_epochs
+    (gen, gen_state), entropy = jax.lax.scan(gen_epoch, (params.generator, opt.generator), None, length=epochs)
+    critic_grads = jax.grad(lambda p: jnp.square(parts.dag_critic.apply(p, sampled.context) - reward))(params.dag_critic)
+    updates, critic_state = parts.opts.dag_critic.update(critic_grads, opt.dag_critic, params.dag_critic)
+    params = params._replace(generator=gen, dag_critic=optax.apply_updates(params.dag_critic, updates))
+    opt = opt._replace(generator=gen_state, dag_critic=critic_state)
+    metrics = {"gen_reward": reward, "gen_baseline": baseline, "gen_entropy": entropy[-1],
+               "gen_edges": sampled.adjacency.sum().astype(jnp.float32)}
+    return params, opt, stats, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The derived policy π_ind
+# ----------------------------------------------------------------------------------------------
+class IndBatch(NamedTuple):
+    obs: Any  # (T, E, A, ...) observations (feed-forward)
+    action: Array
+    log_prob: Array  # behaviour log-probability
+    advantage: Array
+    joint_head: Any  # π's head output after the stages (the KL target)
+
+
+def ind_loss(ind_params: Any, parts: Parts, batch: IndBatch, ppo_weight: float, kl_weight: Array) -> tuple[Array, Array]:
+    """ppo_weight · (MAPPO clip loss − entropy bonus) + kl_weight · KL(sg π ‖ π_ind)."""
+    cfg = parts.cfg
+    pi_ind = make_distribution(parts.spec, parts.ind_nets.actor(ind_params, None, batch.obs, None)[1])
+    kl = jnp.mean(make_distribution(parts.spec, batch.joint_head).kl_divergence(pi_ind))
+    ppo = ppo_clip_loss(pi_ind.log_prob(batch.action), batch.log_prob, normalise(batch.advantage), cfg.clip_eps)
+    return ppo_weight * (ppo - cfg.ent_coef * jnp.mean(pi_ind.entropy())) + kl_weight * kl, kl
+
+
+def ind_epochs(parts: Parts, ind: Any, state: Any, batch: IndBatch, key: Array, epochs: int,
+               ppo_weight: float, kl_weight: Array) -> tuple[Any, Any, Array]:
+    """``epochs`` epochs of minibatch steps on π_ind; gradients averaged over devices."""
+
+    def step(carry: tuple[Any, Any], minibatch: IndBatch) -> tuple[Any, Array]:
+        params, opt_state = carry
+        grads, kl = jax.grad(ind_loss, has_aux=True)(params, parts, minibatch, ppo_weight, kl_weight)
+        grads, kl = jax.lax.pmean((grads, kl), DEVICE_AXIS)
+        updates, opt_state = parts.opts.ind.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), kl
+
+    def epoch(carry: tuple[Any, Any], epoch_key: Array) -> tuple[Any, Array]:
+        return jax.lax.scan(step, carry, sample_minibatches(batch, epoch_key, parts.cfg.num_minibatches))
+
+    (ind, state), kl = jax.lax.scan(epoch, (ind, state), jax.random.split(key, epochs))
+    return ind, state, jnp.mean(kl)
+
+
+def derived_step(parts: Parts, ctx: AfterStages, params: B2MAPOParams, opt: B2MAPOParams
+                 ) -> tuple[B2MAPOParams, B2MAPOParams, dict[str, Array]]:
+    """π_ind's MAPPO step on the iteration's data, then (every ``kl_every`` iterations) the KL pass."""
+    cfg, traj = parts.cfg, ctx.collected.traj
+    obs = ctx.collected.inputs
+    joint_head = parts.nets.actor(params.actor, None, obs, None)[1]
+    batch = IndBatch(obs, traj.action, traj.log_prob, ctx.advantages, joint_head)
+    ppo_key, kl_key = jax.random.split(ctx.key)
+    ind, ind_state, kl_before = ind_epochs(parts, params.ind, opt.ind, batch, ppo_key,
+                                           cfg.ind_epochs or cfg.ppo_epochs, 1.0, jnp.zeros(()))
+    due = (ctx.state.update_count % cfg.kl_every) == 0
+
+    def kl_pass(carry: tuple[Any, Any]) -> tuple[Any, Any, Array]:
+        return ind_epochs(parts, carry[0], carry[1], batch, kl_key, cfg.kl_epochs, 0.0, jnp.asarray(cfg.kl_coef))
+
+    ind, ind_state, kl_after = jax.lax.cond(due, kl_pass, lambda c: (c[0], c[1], jnp.zeros(())), (ind, ind_state))
+    params, opt = params._replace(ind=ind), opt._replace(ind=ind_state)
+    return params, opt, {"ind_kl": kl_before, "ind_kl_pass": kl_after}
+
+
+def after_stages(parts: Parts, ctx: AfterStages) -> HookResult:
+    params, opt, stats = ctx.params, ctx.opt_states, ctx.state.extras
+    metrics = {"num_batches": ctx.schedule.num_stages.astype(jnp.float32),
+               "batch_of_agent": ctx.schedule.stage.astype(jnp.float32)}
+    if ctx.schedule.extras is not None:
+        metrics["dag_adjacency"] = ctx.schedule.extras.adjacency.astype(jnp.float32)
+    if parts.cfg.partition == "dag":
+        params, opt, stats, gen_metrics = generator_step(parts, ctx, params, opt, stats)
+        metrics.update(gen_metrics)
+    if parts.cfg.derived_policy:
+        params, opt, ind_metrics = derived_step(parts, ctx, params, opt)
+        metrics.update(ind_metrics)
+    return HookResult(params, opt, stats, metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembling the system
+# ----------------------------------------------------------------------------------------------
+def capacity_of(cfg: B2MAPOConfig, num_agents: int) -> Optional[int]:
+    """Members gathered per stage: ``max_batch_size`` (default ceil(n/2)); None when it holds all."""
+    cap = cfg.max_batch_size or math.ceil(num_agents / 2)
+    if cfg.partition in ("singletons", "semi_greedy"):
+        cap = 1
+    return None if cap >= num_agents or cfg.partition == "one_batch" else cap
+
+
+def b2mapo_plan(parts: Parts) -> Plan:
+    learned = parts.cfg.partition == "dag"
+    return Plan(make_schedule(parts), num_stages=parts.spec.num_agents, capacity=parts.capacity,
+                reports=learned, after_stages=lambda ctx: after_stages(parts, ctx))
+
+
+def plot_schedule(run_dir: str, chunks: list[dict[str, Any]]) -> None:
+    """``schedule.png``: the number of batches per update over training (mean and range over
+    seeds) and the last update's DAG of seed 0, agents placed by batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from utils.logging import save_figure
+
+    if not chunks:
+        return
+    batches = np.concatenate([np.asarray(c["num_batches"]) for c in chunks])  # (updates, seeds)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(1, len(batches) + 1)
+    left.plot(x, batches.mean(axis=1), label="mean over seeds")
+    left.fill_between(x, batches.min(axis=1), batches.max(axis=1), alpha=0.2)
+    left.set(xlabel="update", ylabel="batches (stages) per update", title="learned number of batches")
+    stage = np.asarray(chunks[-1]["batch_of_agent"])[-1, 0].astype(int)
+    n = stage.shape[0]
+    slot = np.array([np.sum(stage[:i] == stage[i]) for i in range(n)])
+    if "dag_adjacency" in chunks[-1]:
+        adjacency = np.asarray(chunks[-1]["dag_adjacency"])[-1, 0] > 0.5
+        for i, j in zip(*np.nonzero(adjacency)):
+            right.annotate("", (stage[j], -slot[j]), (stage[i], -slot[i]),
+                           arrowprops=dict(arrowstyle="->", color="0.5", shrinkA=9, shrinkB=9))
+    right.scatter(stage, -slot, s=400, c=stage, cmap="viridis", zorder=3)
+    for i in range(n):
+        right.annotate(str(i), (stage[i], -slot[i]), ha="center", va="center", color="white", zorder=4)
+    right.set(xlabel="batch (update order)", title=f"last schedule (seed 0): {stage.max() + 1} batches",
+              xticks=range(stage.max() + 1), yticks=[])
+    right.margins(0.2)
+    save_figure(fig, os.path.join(run_dir, "schedule.png"))
+
+
+def context_dim(spec: EnvSpec) -> int:
+    return math.prod(spec.obs_shape) + spec.num_agents + 2
+
+
+def check_settings(settings: Any) -> None:
+    if settings.network.kind != "ff":
+        fail("network.kind", settings.network.kind, "b2mapo supports feed-forward networks (ff) so far")
+    if settings.network.parameter_sharing != "separate" and settings.system.partition != "one_batch":
+        fail("network.parameter_sharing", settings.network.parameter_sharing,
+             "b2mapo's batch-by-batch updates need separate parameters (or system.partition=one_batch)")
+
+
+def collector_model(parts: Parts, vec_env: Any) -> Any:
+    """The policy model whose rollout π collects, or π_ind (``collector=derived``: its
+    log-probabilities are the behaviour ones; training inputs and the critic are π's)."""
+    length = parts.cfg.rollout_length
+    model = policy_model(parts.nets, parts.spec, vec_env, length)
+    if parts.cfg.collector == "joint":
+        return model
+    acting = policy_model(parts.ind_nets._replace(critic=parts.nets.critic), parts.spec, vec_env, length)
+
+    def collect(state: Any, key: Array) -> Any:
+        collected = acting.collect(state._replace(params=state.params._replace(actor=state.params.ind)), key)
+        return collected._replace(state=collected.state._replace(params=state.params))
+
+    return model._replace(collect=collect)
+
+
+def build(settings: Any, spec: EnvSpec, vec_env: Any, nets: Optional[PolicyNets] = None) -> Any:
+    check_settings(settings)
+    cfg, n = settings.system, spec.num_agents
+    nets = nets or make_policy_nets(settings.network, spec, cfg.centralised_critic)
+    ind_net = dataclasses.replace(settings.network, parameter_sharing="shared")
+    ind_nets = make_policy_nets(ind_net, spec, cfg.centralised_critic)
+    generator = dag.DagGenerator(cfg.gen_dim, cfg.gen_layers, 1, cfg.edge_bias_init)
+    dag_critic = dag.DagCritic(cfg.gen_dim)
+    dummy = jnp.zeros((n, context_dim(spec)))
+    pair = actor_critic_networks(nets, make_stage_optimisers(settings, Plan(None, num_stages=n)))
+    networks = B2MAPOParams(
+        pair.actor, pair.critic,
+        Network(ind_nets.init_actor, make_optimiser(cfg.ind_lr, cfg.max_grad_norm, None)),
+        Network(lambda key: generator.init(key, dummy), optax.adam(cfg.gen_lr)),
+        Network(lambda key: dag_critic.init(key, dummy), optax.adam(cfg.gen_lr)),
+    )
+    parts = Parts(cfg, spec, nets, ind_nets, generator, dag_critic, optimisers(networks), capacity_of(cfg, n))
+    update = make_stage_update(collector_model(parts, vec_env), spec, Params(parts.opts.actor, parts.opts.critic),
+                               cfg, b2mapo_plan(parts), settings.network.parameter_sharing == "separate")
+    executed = (ind_nets, lambda s: s.params.ind) if cfg.derived_policy else (nets, lambda s: s.params.actor)
+    system = make_policy_system(nets, spec, networks, update, eval_params=executed[1], acting_nets=executed[0],
+                                extras=RewardScale(jnp.ones(()), jnp.zeros(())))
+    return system._replace(console_metrics=(("batches", "num_batches"),), report=plot_schedule)
+
+
+CONFIG = B2MAPOConfig
+
+
+@hydra.main(config_path="../configs", config_name="b2mapo", version_base=None)
+def main(cfg: DictConfig) -> float:
+    return run_from_config(cfg, CONFIG, build)
+
+
+if __name__ == "__main__":
+    main()

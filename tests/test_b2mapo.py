@@ -1,0 +1,188 @@
+"""B2MAPO: the lower layer reduces to A2PO / CoPPO / the per-agent PPO update in the degenerate
+partitions, the schedule is the same on every device, π_ind's KL pass pulls it towards π, and the
+generator's PPO step makes a rewarded DAG more likely."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from test_stages_engine import SAME, Pick, leaves, run_updates
+
+from types import SimpleNamespace
+
+from envs.types import Observation
+from envs.vector import AutoResetVecEnv
+from networks import dag
+from systems import a2po_anakin, b2mapo_anakin, coppo_anakin
+from systems.anakin import init_learner_states, make_update_chunk, shard_state
+from systems.stages import ScheduleContext, StageConfig, schedule_score
+from utils.devices import DEVICE_AXIS, make_mesh
+from helpers import small_settings
+
+LOWER = ["system.advantage=preopc", "system.adaptive_clip=true", "system.critic_update=stage",
+         "system.others_clip_eps=0.1", "system.ppo_epochs=2", "network.parameter_sharing=separate"]
+
+
+def two_updates(tmp, b2mapo_overrides, other, other_cls, other_build, other_overrides, num_agents=3):
+    """B2MAPO and another system from the same actor/critic parameters, optimiser states and key."""
+    steps = 8 * 4 * 2 * 2
+    common = SAME + [f"arch.total_timesteps={steps}", "arch.num_devices=1"] + LOWER
+    env = Pick(num_agents)
+    mesh = make_mesh(1)
+    outs = []
+    for name, cls, build, extra in (("b2mapo", b2mapo_anakin.CONFIG, b2mapo_anakin.build, b2mapo_overrides),
+                                    (other, other_cls, other_build, other_overrides)):
+        settings = small_settings(name, cls, common + extra, tmp)
+        system = build(settings, env.spec, AutoResetVecEnv(env, settings.envs_per_device))
+        outs.append((settings, system, init_learner_states(system, env, settings)))
+    (s1, sys1, st1), (s2, sys2, st2) = outs
+    st1 = jax.device_get(st1)  # host copies: the update chunk donates its input
+    st2 = jax.device_get(st2)._replace(key=st1.key, params=st2.params._replace(actor=st1.params.actor, critic=st1.params.critic),
+                       opt_states=st2.opt_states._replace(actor=st1.opt_states.actor, critic=st1.opt_states.critic))
+    results = []
+    for settings, system, state in ((s1, sys1, st1), (s2, sys2, st2)):
+        state = shard_state(state, mesh, system.env_fields)
+        results.append(make_update_chunk(system, settings, mesh, state)(state)[0])
+    return st1, results[0], results[1]
+
+
+def assert_same_actor_critic(a, b, init, rtol=1e-5, atol=1e-6):
+    for x, y, z in zip(leaves((a.params.actor, a.params.critic)), leaves((b.params.actor, b.params.critic)),
+                       leaves((init.params.actor, init.params.critic))):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+        assert not np.array_equal(x, z)
+    for x, y in zip(leaves((a.opt_states.actor, a.opt_states.critic)), leaves((b.opt_states.actor, b.opt_states.critic))):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-7)
+
+
+def test_singleton_batches_in_a2pos_order_are_a2po(tmp_results):
+    """partition=semi_greedy: one agent per batch in A2PO's order (same key, same scores)."""
+    init, b2, a2 = two_updates(tmp_results, ["system.partition=semi_greedy", "system.derived_policy=false"],
+                               "a2po", a2po_anakin.A2POConfig, a2po_anakin.build, ["system.surrogate=a2po"])
+    assert_same_actor_critic(b2, a2, init)
+
+
+def test_one_batch_is_coppo_and_without_the_coupling_ppo(tmp_results):
+    init, b2, co = two_updates(tmp_results, ["system.partition=one_batch", "system.derived_policy=false"],
+                               "coppo", StageConfig, coppo_anakin.build, ["system.surrogate=coppo"])
+    assert_same_actor_critic(b2, co, init)
+    init, b2, ppo = two_updates(tmp_results, ["system.partition=one_batch", "system.derived_policy=false",
+                                              "system.surrogate=a2po"],
+                                "coppo", StageConfig, coppo_anakin.build, ["system.surrogate=none"])
+    assert_same_actor_critic(b2, ppo, init)
+
+
+def test_learned_partition_trains_every_network_and_agrees_across_devices(tmp_results):
+    """Two devices with their own envs: generator, DAG critic, π_ind and π stay identical on both
+    (so both ran the same DAG); every network moved."""
+    settings = small_settings("b2mapo", b2mapo_anakin.CONFIG, SAME + LOWER + [
+        "arch.num_devices=2", "arch.total_timesteps=256"], tmp_results)
+    env = Pick(4)
+    mesh = make_mesh(2)
+    system = b2mapo_anakin.build(settings, env.spec, AutoResetVecEnv(env, settings.envs_per_device))
+    before = jax.device_get(init_learner_states(system, env, settings))  # the chunk donates its input
+    state = shard_state(before, mesh, system.env_fields)
+    after, metrics = make_update_chunk(system, settings, mesh, state)(state)
+    for name in after.params._fields:
+        for leaf, old in zip(jax.tree.leaves(getattr(after.params, name)), jax.tree.leaves(getattr(before.params, name))):
+            shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+            np.testing.assert_array_equal(shards[0], shards[1], err_msg=name)
+        assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                   zip(jax.tree.leaves(getattr(after.params, name)), jax.tree.leaves(getattr(before.params, name)))), name
+    batches = np.asarray(metrics["num_batches"])
+    assert np.all((batches >= 2) & (batches <= 4))  # 4 agents, capacity 2
+    assert np.all(np.isfinite(np.asarray(metrics["gen_reward"])))
+
+
+def test_schedule_is_identical_on_every_device_even_with_different_data(tmp_results):
+    """The generator's DAG and the stages come from device-mean contexts and the shared key."""
+    settings = small_settings("b2mapo", b2mapo_anakin.CONFIG, SAME + LOWER, tmp_results)
+    spec = Pick(5).spec
+    nets = b2mapo_anakin.make_policy_nets(settings.network, spec, True)
+    generator = dag.DagGenerator(16, 1, 1, 0.0)
+    parts = b2mapo_anakin.Parts(settings.system, spec, nets, nets, generator, dag.DagCritic(16), None, 2)
+    gen_params = generator.init(jax.random.PRNGKey(0), jnp.zeros((5, b2mapo_anakin.context_dim(spec))))
+    state = SimpleNamespace(params=b2mapo_anakin.B2MAPOParams(None, None, None, gen_params, None))
+
+    def per_device(view, adv, key):
+        obs = Observation(agents_view=view, action_mask=None, step_count=None)
+        sched = b2mapo_anakin.make_schedule(parts)(ScheduleContext(state, key, schedule_score(adv), obs, adv))
+        return sched.stage[None], sched.extras.adjacency[None]
+
+    rng = np.random.default_rng(0)
+    view = jnp.asarray(rng.normal(size=(8, 3, 5, 4)) * 3, jnp.float32)  # each device its own data
+    adv = jnp.asarray(rng.normal(size=(8, 3, 5)), jnp.float32)
+    f = jax.jit(jax.shard_map(per_device, mesh=make_mesh(2), in_specs=(P(DEVICE_AXIS), P(DEVICE_AXIS), P()),
+                              out_specs=(P(DEVICE_AXIS), P(DEVICE_AXIS)), check_vma=False))
+    seen = set()
+    for seed in range(6):
+        stages, adjacency = f(view, adv, jax.random.PRNGKey(seed))
+        np.testing.assert_array_equal(stages[0], stages[1])
+        np.testing.assert_array_equal(adjacency[0], adjacency[1])
+        seen.add(tuple(np.asarray(stages[0])))
+    assert len(seen) > 1  # the DAG is sampled, not fixed
+
+
+def small_parts(tmp, num_agents=3):
+    settings = small_settings("b2mapo", b2mapo_anakin.CONFIG, SAME + LOWER, tmp)
+    env = Pick(num_agents)
+    system = b2mapo_anakin.build(settings, env.spec, AutoResetVecEnv(env, settings.envs_per_device))
+    return settings, env, system
+
+
+def test_kl_pass_lowers_the_kl_to_the_joint_policy(tmp_results):
+    settings, env, system = small_parts(tmp_results)
+    state = jax.tree.map(lambda x: x[0], init_learner_states(system, env, settings))
+    nets = b2mapo_anakin.make_policy_nets(settings.network, env.spec, True)
+    ind_nets = b2mapo_anakin.make_policy_nets(
+        b2mapo_anakin.dataclasses.replace(settings.network, parameter_sharing="shared"), env.spec, True)
+    opts = b2mapo_anakin.B2MAPOParams(None, None, b2mapo_anakin.make_optimiser(1e-2, 10.0, None), None, None)
+    parts = b2mapo_anakin.Parts(settings.system, env.spec, nets, ind_nets, None, None, opts, 2)
+    obs = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(3), 64))[1].observation
+    obs = jax.tree.map(lambda x: x.reshape((8, 8) + x.shape[1:]), obs)
+    # A joint policy far from π_ind: π's logits scaled up.
+    head = nets.actor(state.params.actor, None, obs, None)[1] * 0.0 + jax.random.normal(jax.random.PRNGKey(4), (8, 8, 3, 3)) * 3
+    zeros = jnp.zeros((8, 8, 3))
+    batch = b2mapo_anakin.IndBatch(obs, zeros.astype(jnp.int32), zeros, zeros, head)
+    one_device = jax.vmap(lambda p, s: b2mapo_anakin.ind_epochs(parts, p, s, batch, jax.random.PRNGKey(5), 5, 0.0,
+                                                                jnp.ones(())), axis_name="device")
+    ind, ind_state = jax.tree.map(lambda x: x[None], (state.params.ind, opts.ind.init(state.params.ind)))
+    kl_first = b2mapo_anakin.ind_loss(state.params.ind, parts, batch, 0.0, jnp.ones(()))[1]
+    new, _, _ = one_device(ind, ind_state)
+    kl_last = b2mapo_anakin.ind_loss(jax.tree.map(lambda x: x[0], new), parts, batch, 0.0, jnp.ones(()))[1]
+    assert float(kl_last) < 0.9 * float(kl_first)  # random per-sample targets: only partly fittable
+
+
+def test_generator_ppo_step_makes_a_rewarded_dag_more_likely():
+    generator = dag.DagGenerator(16, 1, 1, 0.0)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 7))
+    params = generator.init(jax.random.PRNGKey(1), x)
+    sample = dag.sample_dag(jax.random.PRNGKey(2), *generator.apply(params, x))
+    sampled = b2mapo_anakin.Sampled(x, sample.order, sample.adjacency, sample.log_prob)
+    cfg = b2mapo_anakin.B2MAPOConfig(gen_ent_coef=0.0)
+    parts = b2mapo_anakin.Parts(cfg, None, None, None, generator, None, None, None)
+    opt = b2mapo_anakin.optax.adam(1e-2)
+
+    def log_prob(p):
+        return dag.dag_log_prob(*generator.apply(p, x), sample.order, sample.adjacency)
+
+    for sign in (1.0, -1.0):
+        p, s = params, opt.init(params)
+        for _ in range(3):
+            grads, _ = jax.grad(b2mapo_anakin.generator_loss, has_aux=True)(p, parts, sampled, jnp.asarray(sign))
+            updates, s = opt.update(grads, s, p)
+            p = b2mapo_anakin.optax.apply_updates(p, updates)
+        assert sign * (float(log_prob(p)) - float(sample.log_prob)) > 0.05
+
+
+@pytest.mark.parametrize("override,needle", [("system.partition=tree", "system.partition"),
+                                             ("network.kind=rnn", "network.kind"),
+                                             ("network.parameter_sharing=shared", "network.parameter_sharing")])
+def test_bad_settings_name_the_key(tmp_results, override, needle):
+    from utils.config import ConfigError
+
+    extra = ["network=rnn"] if override == "network.kind=rnn" else [override]
+    with pytest.raises(ConfigError, match=needle):
+        settings = small_settings("b2mapo", b2mapo_anakin.CONFIG, SAME + extra, tmp_results)
+        b2mapo_anakin.build(settings, Pick(3).spec, AutoResetVecEnv(Pick(3), settings.envs_per_device))

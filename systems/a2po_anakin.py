@@ -52,7 +52,7 @@ def a2po_plan(cfg: A2POConfig, num_agents: int, shared: bool) -> Plan:
         return Plan(keyed(lambda key, score: from_order(order(key, score))), num_stages=num_agents, capacity=1)
     blocks = min(cfg.block_num, num_agents)
     return Plan(keyed(lambda key, score: blocks_from_order(order(key, score), blocks)), num_stages=blocks,
-                cumulative=True, stage_epochs=math.ceil(cfg.ppo_epochs / blocks))
+                dense=True, cumulative=True, stage_epochs=math.ceil(cfg.ppo_epochs / blocks))
 
 
 def build(settings, spec, vec_env, nets=None):

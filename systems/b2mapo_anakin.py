@@ -325,7 +325,8 @@ def capacity_of(cfg: B2MAPOConfig, num_agents: int) -> Optional[int]:
 
 def b2mapo_plan(parts: Parts) -> Plan:
     learned = parts.cfg.partition == "dag"
-    return Plan(make_schedule(parts), num_stages=parts.spec.num_agents, capacity=parts.capacity,
+    # Every partition numbers its non-empty batches 0..L-1 (dense: no empty-stage guard needed).
+    return Plan(make_schedule(parts), num_stages=parts.spec.num_agents, capacity=parts.capacity, dense=True,
                 reports=learned, after_stages=lambda ctx: after_stages(parts, ctx))
 
 

@@ -179,6 +179,7 @@ class Plan(NamedTuple):
     cumulative: bool = False  # stage l trains the agents of stages <= l (A2PO's cumulative blocks)
     stage_epochs: Optional[int] = None  # default epochs per stage (None: ppo_epochs)
     reports: bool = False  # return a StageReport per stage (costs one more actor pass per stage)
+    dense: bool = False  # every stage < L has a member (one agent per stage always does): no empty-stage guard
     after_stages: Optional[Callable[[AfterStages], "HookResult"]] = None
 
 
@@ -668,7 +669,7 @@ def run_stages(eng: Engine, it: Iteration, params: Params, opt_states: Params) -
     def body(c: StageCarry) -> StageCarry:
         # The stage counter stays outside the cond: under vmap a cond on a per-seed predicate
         # becomes a select, which would make the counter (and every later cond on it) per-seed.
-        if eng.plan.capacity == 1:  # every stage < L holds one agent
+        if eng.plan.capacity == 1 or eng.plan.dense:
             new = stage_body(eng, it, c)
         else:
             occupied = stage_members(eng, it.schedule, c.l).any()

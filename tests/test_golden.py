@@ -11,8 +11,8 @@ import pytest
 
 from golden import runs
 
-FAST = {("mappo", "ff", "shared"), ("ippo", "ff", "separate"), ("a2po", "ff", "separate"),
-        ("a2po", "rnn", "shared")}  # one-stage shared / joint separate; gather; recurrent blocks + PreOPC
+FAST = {("mappo", "ff", "shared"), ("ippo", "ff", "separate"), ("a2po", "ff", "separate")}
+# one-stage shared, joint separate, gather; the recurrent runs (and the rest) with -m slow
 
 
 def params(run):

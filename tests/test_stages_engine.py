@@ -95,6 +95,7 @@ def test_one_agent_mappo_happo_and_a2po_coincide(tmp_results):
         assert not np.array_equal(ref, init)  # the updates did something
 
 
+@pytest.mark.slow  # both sides are the engine now; tests/test_b2mapo.py and the golden runs cover it
 def test_one_stage_with_every_agent_is_the_plain_ppo_update(tmp_results):
     shared = ["network.parameter_sharing=shared"]
     engine = ["system.surrogate=none", "system.advantage=gae", "system.critic_update=stage",
@@ -152,8 +153,9 @@ def test_two_devices_run_the_same_schedule(tmp_results, sharing, continuous, net
 
 @pytest.mark.parametrize("config,sharing", [
     ("a2po", "separate"),  # one agent per stage by gather/scatter, PreOPC on the rollout critic
-    ("a2po", "shared"),  # cumulative blocks, PreOPC on the re-evaluated shared critic (T+1 inputs)
-    ("happo", "separate"),  # HAPPO factor, critic once after all stages
+    # The next two are slow (50 s, 33 s): -m slow. The golden runs check their recurrent paths too.
+    pytest.param("a2po", "shared", marks=pytest.mark.slow),  # cumulative blocks, PreOPC on the shared critic
+    pytest.param("happo", "separate", marks=pytest.mark.slow),  # HAPPO factor, critic once after all stages
 ])
 def test_bypassed_gru_stage_engine_takes_the_feed_forward_steps(tmp_results, config, sharing):
     """With the GRU replaced by the identity the recurrent engine (hidden states, sequence inputs,

@@ -66,7 +66,7 @@ from networks import make_distribution
 from networks.policy import PolicyNets, make_policy_nets
 from systems.policy import (Collected, Network, Params, PolicyModel, check_recurrent_minibatches,
                             make_policy_system, optimisers, policy_model)
-from systems.ppo import (PPOConfig, TrainMetrics, clipped_value_errors, gae, make_optimiser, ppo_clip_loss,
+from systems.ppo import (PPOConfig, TrainMetrics, clipped_value_errors, gae, make_optimiser, normalise, ppo_clip_loss,
                          reverse_trace_sum, update_keys)
 from utils.config import fail, one_of, positive, require
 from utils.devices import DEVICE_AXIS
@@ -320,7 +320,7 @@ def weighted_normalise(x: Array, w: Optional[Array], per_agent: bool, eps: float
         mean = x.mean(axis=samples)
         return (x - mean) / (jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=samples)) + eps)
     if w is None:
-        return (x - x.mean()) / (x.std() + eps)
+        return normalise(x, eps)
     wb = jnp.broadcast_to(w, x.shape)
     scale = wb.size / jnp.maximum(wb.sum(), 1.0)
     mean = jnp.mean(x * wb) * scale
@@ -609,9 +609,9 @@ def refresh_log_probs(eng: Engine, it: Iteration, carry: StageCarry, member: Arr
 
 
 def stage_report(eng: Engine, it: Iteration, carry: StageCarry, logp_new: Array, member: Array,
-                 adv_full: Array) -> StageReport:
-    """Per-agent surrogate before/after and KL of stage ``carry.l`` (written into its row)."""
-    _, factor_log = preceding_log_ratios(eng, it, carry.logp_cur, carry.l)
+                 adv_full: Array, factor_log: Array) -> StageReport:
+    """Per-agent surrogate before/after and KL of stage ``carry.l`` (written into its row);
+    ``factor_log`` (T, E, A): the stage's preceding log-ratios, as ``preceding_log_ratios`` gave them."""
     g = jnp.exp(clip_log(factor_log, eng.others_eps)) if eng.cfg.surrogate in ("a2po", "a2po_coppo") else 1.0
     log_r = logp_new - it.data.log_prob
     m = member.astype(jnp.float32)
@@ -648,7 +648,7 @@ def stage_body(eng: Engine, it: Iteration, carry: StageCarry) -> StageCarry:
                             lambda c: c.logp_cur, new)
         if eng.plan.reports:
             adv_full = adv if index is None else put(jnp.zeros_like(it.data.gae_adv), adv, index, 2)
-            new = new._replace(reports=stage_report(eng, it, carry, logp, member, adv_full))
+            new = new._replace(reports=stage_report(eng, it, carry, logp, member, adv_full, factor_log))
         new = new._replace(logp_cur=logp)
     return new
 

@@ -19,6 +19,11 @@ established and which choices are ours, each a ``system.*`` key):
   about capacity/n of an all-agent update.
 - π (``joint_policy=independent``): per-agent actors, separate parameters by default; it collects
   the data (``collector=joint``; ``derived``: π_ind collects and π learns off-policy).
+  ``joint_policy=dag_conditioned`` (MACPF's residual, ``networks.conditioned``): agent i's head is
+  sg(π_ind's head) + a per-agent correction from its observation and its DAG parents' actions;
+  π acts level by level on the DAG of the previous update's schedule (the acting DAG, in the
+  learner-state extras; empty before the first update) and is trained on that DAG's parents
+  (teacher-forced actions). At zero correction (its initialisation) π is π_ind.
 - π_ind: a parameter-shared decentralised actor trained every iteration with the MAPPO loss on the
   same data (ratio against the behaviour policy, clipped), and pulled towards π by
   ``kl_epochs`` epochs minimising KL(sg π ‖ π_ind) every ``kl_every`` iterations. Evaluation,
@@ -45,11 +50,14 @@ import optax
 from jax import Array
 from omegaconf import DictConfig
 
-from envs.types import EnvSpec
-from networks import dag, make_distribution
+from envs.types import EnvSpec, Observation, TimeStep
+from networks import dag, env_action, make_distribution
+from networks.conditioned import (ActingDag, CorrectionNets, conditioned_head, empty_dag, make_correction,
+                                  parent_features, sample_levels)
 from networks.policy import PolicyNets, make_policy_nets
 from systems.anakin import run_from_config
-from systems.policy import Network, Params, make_policy_system, optimisers, policy_model, sample_minibatches
+from systems.policy import (Network, Params, PolicyModel, Sampler, actor_sampler, make_policy_system, optimisers,
+                            policy_model, sample_minibatches)
 from systems.ppo import make_optimiser, normalise, ppo_clip_loss
 from systems.stages import (AfterStages, HookResult, Plan, Schedule, ScheduleContext, StageConfig,
                             actor_critic_networks, make_stage_optimisers, make_stage_update, semi_greedy_order)
@@ -57,6 +65,7 @@ from utils.config import fail, one_of, positive, require
 from utils.devices import DEVICE_AXIS
 
 PARTITIONS = ("dag", "random_dag", "one_batch", "singletons", "semi_greedy", "blocks")
+JOINT_POLICIES = ("independent", "dag_conditioned")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +98,7 @@ class B2MAPOConfig(StageConfig):
         super().check(prefix)
         one_of(f"{prefix}.partition", self.partition, PARTITIONS)
         one_of(f"{prefix}.gen_update", self.gen_update, ["ppo", "reinforce"])
-        one_of(f"{prefix}.joint_policy", self.joint_policy, ["independent"])
+        one_of(f"{prefix}.joint_policy", self.joint_policy, JOINT_POLICIES)
         one_of(f"{prefix}.collector", self.collector, ["joint", "derived"])
         if self.max_batch_size is not None:
             positive(f"{prefix}.max_batch_size", self.max_batch_size)
@@ -101,10 +110,13 @@ class B2MAPOConfig(StageConfig):
                 "must be in (0, 1)")
         require(self.collector == "joint" or self.derived_policy, f"{prefix}.collector", self.collector,
                 "derived needs system.derived_policy=true")
+        require(self.joint_policy == "independent" or self.partition in ("dag", "random_dag"),
+                f"{prefix}.joint_policy", self.joint_policy,
+                "dag_conditioned needs a DAG to condition on: system.partition=dag or random_dag")
 
 
 class B2MAPOParams(NamedTuple):
-    actor: Any  # π: per-agent actors (the stage engine trains these and the critic)
+    actor: Any  # π: per-agent actors, or per-agent corrections (dag_conditioned); the engine trains these
     critic: Any
     ind: Any  # π_ind: the parameter-shared decentralised actor that is executed
     generator: Any  # the DAG generator
@@ -128,17 +140,61 @@ class RewardScale(NamedTuple):
     count: Array
 
 
+class B2MAPOExtras(NamedTuple):
+    """What B2MAPO carries between updates besides networks (learner-state extras, per seed)."""
+
+    scale: RewardScale
+    dag: Optional[ActingDag]  # dag_conditioned: the DAG π acts on (the last update's); else None
+
+
+class CondInputs(NamedTuple):
+    """π's training inputs with ``joint_policy=dag_conditioned`` (leaves (T, E, A, ...), so the
+    engine's agent gathers and minibatch shuffles treat them like observations)."""
+
+    obs: Observation
+    parents: Optional[Array]  # (T, E, A, A·D) parents' action features under the acting DAG
+    base: Any  # π_ind's head output at collection (the residual's stop-gradient base)
+
+
+class ConditionedActing(NamedTuple):
+    """What executing the DAG-conditioned π needs (``derived_policy=false``)."""
+
+    ind: Any
+    correction: Any
+    dag: ActingDag
+
+
 class Parts(NamedTuple):
     """The static pieces the hooks use."""
 
     cfg: B2MAPOConfig
     spec: EnvSpec
-    nets: PolicyNets  # π (and the critic)
+    nets: PolicyNets  # π's per-agent actors (independent) and the critic
     ind_nets: PolicyNets  # π_ind
+    correction: Optional[CorrectionNets]  # dag_conditioned: π's per-agent corrections
     generator: dag.DagGenerator
     dag_critic: dag.DagCritic
     opts: B2MAPOParams
     capacity: Optional[int]
+
+    @property
+    def conditioned(self) -> bool:
+        return self.correction is not None
+
+
+def observations(inputs: Any) -> Observation:
+    return inputs.obs if isinstance(inputs, CondInputs) else inputs
+
+
+def ind_head(parts: Parts, ind_params: Any, obs: Observation) -> Any:
+    return parts.ind_nets.actor(ind_params, None, obs, None)[1]
+
+
+def joint_head(parts: Parts, actor_params: Any, inputs: Any) -> Any:
+    """π's head output on training inputs (the parents' actions teacher-forced)."""
+    if parts.conditioned:
+        return conditioned_head(parts.spec, parts.correction, actor_params, inputs.obs, inputs.base, inputs.parents)
+    return parts.nets.actor(actor_params, None, inputs, None)[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +203,7 @@ class Parts(NamedTuple):
 def agent_context(ctx: ScheduleContext, num_agents: int) -> Array:
     """(A, F + A + 2): mean view over the rollout, one-hot id, |Â| and std Â over the agents' mean
     |Â|; device-means, so every device builds the same context."""
-    view = ctx.inputs.agents_view.astype(jnp.float32)
+    view = observations(ctx.inputs).agents_view.astype(jnp.float32)
     mean_view = jax.lax.pmean(view.mean(axis=(0, 1)).reshape(num_agents, -1), DEVICE_AXIS)
     adv = ctx.advantages
     spread = jax.lax.pmean(jnp.std(adv, axis=(0, 1)), DEVICE_AXIS)
@@ -281,9 +337,8 @@ def derived_step(parts: Parts, ctx: AfterStages, params: B2MAPOParams, opt: B2MA
                  ) -> tuple[B2MAPOParams, B2MAPOParams, dict[str, Array]]:
     """π_ind's MAPPO step on the iteration's data, then (every ``kl_every`` iterations) the KL pass."""
     cfg, traj = parts.cfg, ctx.collected.traj
-    obs = ctx.collected.inputs
-    joint_head = parts.nets.actor(params.actor, None, obs, None)[1]
-    batch = IndBatch(obs, traj.action, traj.log_prob, ctx.advantages, joint_head)
+    target = joint_head(parts, params.actor, ctx.collected.inputs)
+    batch = IndBatch(observations(ctx.collected.inputs), traj.action, traj.log_prob, ctx.advantages, target)
     ppo_key, kl_key = jax.random.split(ctx.key)
     ind, ind_state, kl_before = ind_epochs(parts, params.ind, opt.ind, batch, ppo_key,
                                            cfg.ind_epochs or cfg.ppo_epochs, 1.0, jnp.zeros(()))
@@ -297,8 +352,14 @@ def derived_step(parts: Parts, ctx: AfterStages, params: B2MAPOParams, opt: B2MA
     return params, opt, {"ind_kl": kl_before, "ind_kl_pass": kl_after}
 
 
+def acting_dag(adjacency: Array) -> ActingDag:
+    level = dag.levels(adjacency)
+    return ActingDag(adjacency, level, dag.num_levels(level))
+
+
 def after_stages(parts: Parts, ctx: AfterStages) -> HookResult:
-    params, opt, stats = ctx.params, ctx.opt_states, ctx.state.extras
+    params, opt, extras = ctx.params, ctx.opt_states, ctx.state.extras
+    stats = extras.scale
     metrics = {"num_batches": ctx.schedule.num_stages.astype(jnp.float32),
                "batch_of_agent": ctx.schedule.stage.astype(jnp.float32)}
     if ctx.schedule.extras is not None:
@@ -309,7 +370,10 @@ def after_stages(parts: Parts, ctx: AfterStages) -> HookResult:
     if parts.cfg.derived_policy:
         params, opt, ind_metrics = derived_step(parts, ctx, params, opt)
         metrics.update(ind_metrics)
-    return HookResult(params, opt, stats, metrics)
+    extras = extras._replace(scale=stats)
+    if parts.conditioned:  # the next rollout acts on this update's DAG
+        extras = extras._replace(dag=acting_dag(ctx.schedule.extras.adjacency))
+    return HookResult(params, opt, extras, metrics)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,44 +442,96 @@ def check_settings(settings: Any) -> None:
              "b2mapo's batch-by-batch updates need separate parameters (or system.partition=one_batch)")
 
 
-def collector_model(parts: Parts, vec_env: Any) -> Any:
-    """The policy model whose rollout π collects, or π_ind (``collector=derived``: its
-    log-probabilities are the behaviour ones; training inputs and the critic are π's)."""
-    length = parts.cfg.rollout_length
-    model = policy_model(parts.nets, parts.spec, vec_env, length)
-    if parts.cfg.collector == "joint":
+def conditioned_sampler(parts: Parts, acting: ActingDag) -> Sampler:
+    """π = sg(π_ind) + correction, sampled level by level on the acting DAG."""
+
+    def sample(params: Any, hidden: Any, obs: Observation, reset: Array, key: Array) -> tuple[Any, Array, Array]:
+        action, head = sample_levels(parts.spec, parts.correction, params.actor, obs,
+                                     ind_head(parts, params.ind, obs), acting, key)
+        return hidden, action, make_distribution(parts.spec, head).log_prob(action)
+
+    return sample
+
+
+def joint_model(parts: Parts, vec_env: Any) -> PolicyModel:
+    """How the engine collects and runs π. π collects (``collector=joint``) or π_ind does
+    (``derived``: its log-probabilities are the behaviour ones, π learns off-policy). With
+    ``dag_conditioned`` the inputs carry the parents' actions under the acting DAG and π_ind's
+    head at collection."""
+    cfg, spec = parts.cfg, parts.spec
+    ind_sampler = actor_sampler(parts.ind_nets, spec, lambda p: p.ind) if cfg.collector == "derived" else None
+    model = policy_model(parts.nets, spec, vec_env, cfg.rollout_length, ind_sampler)
+    if not parts.conditioned:
         return model
-    acting = policy_model(parts.ind_nets._replace(critic=parts.nets.critic), parts.spec, vec_env, length)
 
     def collect(state: Any, key: Array) -> Any:
-        collected = acting.collect(state._replace(params=state.params._replace(actor=state.params.ind)), key)
-        return collected._replace(state=collected.state._replace(params=state.params))
+        acting = state.extras.dag
+        sampler = ind_sampler or conditioned_sampler(parts, acting)
+        collected = policy_model(parts.nets, spec, vec_env, cfg.rollout_length, sampler).collect(state, key)
+        obs = collected.inputs
+        inputs = CondInputs(obs, parent_features(spec, acting.adjacency, collected.traj.action),
+                            ind_head(parts, state.params.ind, obs))
+        return collected._replace(inputs=inputs, extended=CondInputs(collected.extended, None, None))
 
-    return model._replace(collect=collect)
+    return PolicyModel(collect, lambda p, x: joint_head(parts, p, x),
+                       lambda p, x: parts.nets.critic(p, None, x.obs, None)[1], sample_minibatches)
 
 
-def build(settings: Any, spec: EnvSpec, vec_env: Any, nets: Optional[PolicyNets] = None) -> Any:
-    check_settings(settings)
+def conditioned_act(parts: Parts):
+    """``System.act`` executing the DAG-conditioned π (level by level) on ``ConditionedActing``."""
+
+    def act(params: ConditionedActing, timestep: TimeStep, key: Array, hidden: Any, greedy: bool) -> tuple[Array, Any]:
+        obs = timestep.observation
+        action, _ = sample_levels(parts.spec, parts.correction, params.correction, obs,
+                                  ind_head(parts, params.ind, obs), params.dag, key, greedy)
+        return env_action(parts.spec, action), hidden
+
+    return act
+
+
+def make_parts(settings: Any, spec: EnvSpec, nets: Optional[PolicyNets] = None) -> tuple[Parts, B2MAPOParams]:
+    """The static pieces and the declared networks (each with its optimiser)."""
     cfg, n = settings.system, spec.num_agents
     nets = nets or make_policy_nets(settings.network, spec, cfg.centralised_critic)
-    ind_net = dataclasses.replace(settings.network, parameter_sharing="shared")
-    ind_nets = make_policy_nets(ind_net, spec, cfg.centralised_critic)
+    ind_nets = make_policy_nets(dataclasses.replace(settings.network, parameter_sharing="shared"), spec,
+                                cfg.centralised_critic)
+    correction = None
+    if cfg.joint_policy == "dag_conditioned":
+        network = settings.network
+        correction = make_correction(spec, network.actor_layers, network.activation, network.use_layer_norm)
     generator = dag.DagGenerator(cfg.gen_dim, cfg.gen_layers, 1, cfg.edge_bias_init)
     dag_critic = dag.DagCritic(cfg.gen_dim)
     dummy = jnp.zeros((n, context_dim(spec)))
     pair = actor_critic_networks(nets, make_stage_optimisers(settings, Plan(None, num_stages=n)))
+    if correction is not None:  # π's trained part is the correction
+        pair = pair._replace(actor=pair.actor._replace(init=correction.init))
     networks = B2MAPOParams(
         pair.actor, pair.critic,
         Network(ind_nets.init_actor, make_optimiser(cfg.ind_lr, cfg.max_grad_norm, None)),
         Network(lambda key: generator.init(key, dummy), optax.adam(cfg.gen_lr)),
         Network(lambda key: dag_critic.init(key, dummy), optax.adam(cfg.gen_lr)),
     )
-    parts = Parts(cfg, spec, nets, ind_nets, generator, dag_critic, optimisers(networks), capacity_of(cfg, n))
-    update = make_stage_update(collector_model(parts, vec_env), spec, Params(parts.opts.actor, parts.opts.critic),
+    parts = Parts(cfg, spec, nets, ind_nets, correction, generator, dag_critic, optimisers(networks),
+                  capacity_of(cfg, n))
+    return parts, networks
+
+
+def build(settings: Any, spec: EnvSpec, vec_env: Any, nets: Optional[PolicyNets] = None) -> Any:
+    check_settings(settings)
+    parts, networks = make_parts(settings, spec, nets)
+    cfg = parts.cfg
+    update = make_stage_update(joint_model(parts, vec_env), spec, Params(parts.opts.actor, parts.opts.critic),
                                cfg, b2mapo_plan(parts), settings.network.parameter_sharing == "separate")
-    executed = (ind_nets, lambda s: s.params.ind) if cfg.derived_policy else (nets, lambda s: s.params.actor)
-    system = make_policy_system(nets, spec, networks, update, eval_params=executed[1], acting_nets=executed[0],
-                                extras=RewardScale(jnp.ones(()), jnp.zeros(())))
+    extras = B2MAPOExtras(RewardScale(jnp.ones(()), jnp.zeros(())),
+                          empty_dag(spec.num_agents) if parts.conditioned else None)
+    if cfg.derived_policy:
+        executed = dict(eval_params=lambda s: s.params.ind, acting_nets=parts.ind_nets)
+    else:
+        executed = dict(eval_params=lambda s: s.params.actor, acting_nets=parts.nets)
+    system = make_policy_system(parts.nets, spec, networks, update, extras=extras, **executed)
+    if parts.conditioned and not cfg.derived_policy:  # execute π itself, level by level
+        system = system._replace(act=conditioned_act(parts), eval_params=lambda s: ConditionedActing(
+            s.params.ind, s.params.actor, s.extras.dag))
     return system._replace(console_metrics=(("batches", "num_batches"),), report=plot_schedule)
 
 

@@ -112,22 +112,38 @@ def episode_start(timestep: TimeStep) -> Array:
     return timestep.first() | timestep.last()
 
 
+# (params, actor hidden, obs (E, A, ...), reset (E,), key) -> (actor hidden', action, log-probability)
+Sampler = Callable[[Any, Any, Observation, Array, Array], tuple[Any, Array, Array]]
+
+
+def actor_sampler(nets: PolicyNets, spec: EnvSpec, actor: Callable[[Any], Any] = lambda p: p.actor) -> Sampler:
+    """Samples every agent's action at once from ``nets.actor`` on ``actor(params)``."""
+
+    def sample(params: Any, hidden: Any, obs: Observation, reset: Array, key: Array) -> tuple[Any, Array, Array]:
+        hidden, head = step(nets, nets.actor, actor(params), hidden, obs, reset)
+        pi = make_distribution(spec, head)
+        action = pi.sample(seed=key)
+        return hidden, action, pi.log_prob(action)
+
+    return sample
+
+
 def rollout(nets: PolicyNets, spec: EnvSpec, vec_env: AutoResetVecEnv, params: Any, env_state: VecState,
-            timestep: TimeStep, hidden: Optional[HiddenStates], key: Array, length: int
-            ) -> tuple[VecState, TimeStep, Optional[HiddenStates], Transition, EpisodeStats]:
-    """Acts ``length`` steps in every env with the current policy. Returns (T, E, A, ...) data."""
+            timestep: TimeStep, hidden: Optional[HiddenStates], key: Array, length: int,
+            sample: Optional[Sampler] = None) -> tuple[VecState, TimeStep, Optional[HiddenStates], Transition, EpisodeStats]:
+    """Acts ``length`` steps in every env with the current policy (``sample``; default: ``nets``'
+    actor) and critic. Returns (T, E, A, ...) data."""
+    sample = sample or actor_sampler(nets, spec)
 
     def env_step(carry: tuple[VecState, TimeStep, Any], step_key: Array) -> tuple[Any, Any]:
         env_state, timestep, hidden = carry
         act_key, reset_key = jax.random.split(step_key)
         obs, reset = timestep.observation, episode_start(timestep)
-        actor_h, head = step(nets, nets.actor, params.actor, None if hidden is None else hidden.actor, obs, reset)
-        pi = make_distribution(spec, head)
-        action = pi.sample(seed=act_key)
+        actor_h, action, log_prob = sample(params, None if hidden is None else hidden.actor, obs, reset, act_key)
         critic_h, value = step(nets, nets.critic, params.critic, None if hidden is None else hidden.critic, obs, reset)
         env_state, next_timestep, info = vec_env.step(env_state, env_action(spec, action), reset_key)
         _, next_value = step(nets, nets.critic, params.critic, critic_h, info.real_next_obs, jnp.zeros_like(reset))
-        transition = Transition(obs=obs, reset=reset, action=action, log_prob=pi.log_prob(action), value=value,
+        transition = Transition(obs=obs, reset=reset, action=action, log_prob=log_prob, value=value,
                                 next_value=next_value, reward=next_timestep.reward,
                                 discount=next_timestep.discount, done=next_timestep.last())
         hidden = None if hidden is None else HiddenStates(actor_h, critic_h)
@@ -214,12 +230,14 @@ def training_inputs(nets: PolicyNets, state: LearnerState, traj: Transition, tim
     return inputs, extended
 
 
-def policy_model(nets: PolicyNets, spec: EnvSpec, vec_env: AutoResetVecEnv, length: int) -> PolicyModel:
-    """How an update collects a rollout and runs the actor and critic on its inputs."""
+def policy_model(nets: PolicyNets, spec: EnvSpec, vec_env: AutoResetVecEnv, length: int,
+                 sample: Optional[Sampler] = None) -> PolicyModel:
+    """How an update collects a rollout (acting with ``sample``, default ``nets``' actor) and runs
+    the actor and critic on its inputs."""
 
     def collect(state: LearnerState, key: Array) -> Collected:
         env_state, timestep, hidden, traj, episodes = rollout(
-            nets, spec, vec_env, state.params, state.env_state, state.timestep, state.hidden, key, length)
+            nets, spec, vec_env, state.params, state.env_state, state.timestep, state.hidden, key, length, sample)
         inputs, extended = training_inputs(nets, state, traj, timestep)
         new_state = state._replace(env_state=env_state, timestep=timestep, hidden=hidden)
         return Collected(new_state, traj, inputs, extended, episodes)

@@ -101,7 +101,7 @@ def test_schedule_is_identical_on_every_device_even_with_different_data(tmp_resu
     spec = Pick(5).spec
     nets = b2mapo_anakin.make_policy_nets(settings.network, spec, True)
     generator = dag.DagGenerator(16, 1, 1, 0.0)
-    parts = b2mapo_anakin.Parts(settings.system, spec, nets, nets, generator, dag.DagCritic(16), None, 2)
+    parts = b2mapo_anakin.Parts(settings.system, spec, nets, nets, None, generator, dag.DagCritic(16), None, 2)
     gen_params = generator.init(jax.random.PRNGKey(0), jnp.zeros((5, b2mapo_anakin.context_dim(spec))))
     state = SimpleNamespace(params=b2mapo_anakin.B2MAPOParams(None, None, None, gen_params, None))
 
@@ -138,7 +138,7 @@ def test_kl_pass_lowers_the_kl_to_the_joint_policy(tmp_results):
     ind_nets = b2mapo_anakin.make_policy_nets(
         b2mapo_anakin.dataclasses.replace(settings.network, parameter_sharing="shared"), env.spec, True)
     opts = b2mapo_anakin.B2MAPOParams(None, None, b2mapo_anakin.make_optimiser(1e-2, 10.0, None), None, None)
-    parts = b2mapo_anakin.Parts(settings.system, env.spec, nets, ind_nets, None, None, opts, 2)
+    parts = b2mapo_anakin.Parts(settings.system, env.spec, nets, ind_nets, None, None, None, opts, 2)
     obs = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(3), 64))[1].observation
     obs = jax.tree.map(lambda x: x.reshape((8, 8) + x.shape[1:]), obs)
     # A joint policy far from π_ind: π's logits scaled up.
@@ -161,7 +161,7 @@ def test_generator_ppo_step_makes_a_rewarded_dag_more_likely():
     sample = dag.sample_dag(jax.random.PRNGKey(2), *generator.apply(params, x))
     sampled = b2mapo_anakin.Sampled(x, sample.order, sample.adjacency, sample.log_prob)
     cfg = b2mapo_anakin.B2MAPOConfig(gen_ent_coef=0.0)
-    parts = b2mapo_anakin.Parts(cfg, None, None, None, generator, None, None, None)
+    parts = b2mapo_anakin.Parts(cfg, None, None, None, None, generator, None, None, None)
     opt = b2mapo_anakin.optax.adam(1e-2)
 
     def log_prob(p):

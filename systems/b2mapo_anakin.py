@@ -86,7 +86,7 @@ class B2MAPOConfig(StageConfig):
     edge_bias_init: float = 0.0  # initial edge probability sigmoid(edge_bias_init)
     # the joint policy π and the derived policy π_ind
     joint_policy: str = "independent"
-    derived_policy: bool = True  # train π_ind and execute it; false: execute π
+    derived_policy: bool = True  # train π_ind and execute it; false: execute π (π_ind still trains as the base of dag_conditioned)
     collector: str = "joint"  # joint: π collects | derived: π_ind collects
     ind_lr: float = 5e-4
     ind_epochs: Optional[int] = None  # null: ppo_epochs
@@ -367,7 +367,7 @@ def after_stages(parts: Parts, ctx: AfterStages) -> HookResult:
     if parts.cfg.partition == "dag":
         params, opt, stats, gen_metrics = generator_step(parts, ctx, params, opt, stats)
         metrics.update(gen_metrics)
-    if parts.cfg.derived_policy:
+    if parts.cfg.derived_policy or parts.conditioned:  # π_ind: executed, or π's base
         params, opt, ind_metrics = derived_step(parts, ctx, params, opt)
         metrics.update(ind_metrics)
     extras = extras._replace(scale=stats)

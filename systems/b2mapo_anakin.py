@@ -12,6 +12,8 @@ established and which choices are ours, each a ``system.*`` key):
   per iteration as a one-step decision with PPO (or REINFORCE, ``gen_update``) on the reward
   R = Σ_stages Σ_members (surrogate after − before) / mean|Â| − β·(stages / n), with the DAG critic
   (``DagCritic``) as baseline. Every device samples the same DAG (shared key, device-mean context).
+  ``gen_reward=return_change``: R = Δ(mean reward per step) over the update / its running RMS − β·(stages / n),
+  known one rollout later, so each decision is trained one update late.
 - Lower layer, the stage engine: stage l trains its members with PreOPC advantages over all earlier
   stages, g = clip(ρ_preceding, 1±ε̃) · clip(Π other members' r, 1±ε̃) (``surrogate=a2po_coppo``)
   and the adaptive clip C(ε, k), k = agents updated once the stage is done. Members are gathered
@@ -66,6 +68,7 @@ from utils.devices import DEVICE_AXIS
 
 PARTITIONS = ("dag", "random_dag", "one_batch", "singletons", "semi_greedy", "blocks")
 JOINT_POLICIES = ("independent", "dag_conditioned")
+GEN_REWARDS = ("surrogate", "return_change")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,7 @@ class B2MAPOConfig(StageConfig):
     gen_clip: float = 0.2
     gen_ent_coef: float = 0.01
     gen_update: str = "ppo"  # ppo | reinforce
+    gen_reward: str = "surrogate"  # surrogate: the batches' surrogate gains | return_change (one update late)
     batch_cost: float = 0.1  # β: the reward pays β per stage used, over n
     edge_bias_init: float = 0.0  # initial edge probability sigmoid(edge_bias_init)
     # the joint policy π and the derived policy π_ind
@@ -98,6 +102,7 @@ class B2MAPOConfig(StageConfig):
         super().check(prefix)
         one_of(f"{prefix}.partition", self.partition, PARTITIONS)
         one_of(f"{prefix}.gen_update", self.gen_update, ["ppo", "reinforce"])
+        one_of(f"{prefix}.gen_reward", self.gen_reward, GEN_REWARDS)
         one_of(f"{prefix}.joint_policy", self.joint_policy, JOINT_POLICIES)
         one_of(f"{prefix}.collector", self.collector, ["joint", "derived"])
         if self.max_batch_size is not None:
@@ -140,11 +145,23 @@ class RewardScale(NamedTuple):
     count: Array
 
 
+class Pending(NamedTuple):
+    """``gen_reward=return_change``: the last update's decision, rewarded once the next rollout
+    shows what that update did to the return."""
+
+    sampled: Sampled
+    num_stages: Array  # () int32: batches that decision used
+    mean_reward: Array  # () the mean reward per step of the rollout before that update
+    change_scale: RewardScale  # running second moment of the reward change
+    valid: Array  # () bool: False before the first update
+
+
 class B2MAPOExtras(NamedTuple):
     """What B2MAPO carries between updates besides networks (learner-state extras, per seed)."""
 
     scale: RewardScale
     dag: Optional[ActingDag]  # dag_conditioned: the DAG π acts on (the last update's); else None
+    pending: Optional[Pending] = None  # gen_reward=return_change; else None
 
 
 class CondInputs(NamedTuple):
@@ -268,12 +285,39 @@ def update_scale(scale: RewardScale, x: Array, decay: float = 0.95) -> RewardSca
     return RewardScale(decay * scale.second_moment + (1.0 - decay) * jnp.square(x), scale.count + 1.0)
 
 
-def generator_step(parts: Parts, ctx: AfterStages, params: B2MAPOParams, opt: B2MAPOParams,
+def return_change_reward(parts: Parts, pending: Pending, mean_reward: Array) -> tuple[Array, RewardScale]:
+    """(R, updated scale): the change of the mean reward per step from the rollout before the
+    pending update to the one after it, over its running RMS, minus β per stage used (over n)."""
+    change = mean_reward - pending.mean_reward
+    scale = update_scale(pending.change_scale, change)
+    scale = jax.tree.map(lambda new, old: jnp.where(pending.valid, new, old), scale, pending.change_scale)
+    reward = change / jnp.sqrt(scale.second_moment + 1e-8)
+    return reward - parts.cfg.batch_cost * pending.num_stages / parts.spec.num_agents, scale
+
+
+def upper_layer(parts: Parts, ctx: AfterStages, params: B2MAPOParams, opt: B2MAPOParams, extras: B2MAPOExtras
+                ) -> tuple[B2MAPOParams, B2MAPOParams, B2MAPOExtras, dict[str, Array]]:
+    """The generator's update on this iteration's decision (``gen_reward=surrogate``), or on the
+    previous iteration's, now that this rollout shows its return change (``return_change``)."""
+    if parts.cfg.gen_reward == "surrogate":
+        params, opt, scale, metrics = generator_step(parts, ctx.schedule.extras, generator_reward(parts, ctx),
+                                                     params, opt, extras.scale)
+        return params, opt, extras._replace(scale=scale), metrics
+    pending = extras.pending
+    mean_reward = jax.lax.pmean(jnp.mean(ctx.collected.traj.reward), DEVICE_AXIS)
+    reward, change_scale = return_change_reward(parts, pending, mean_reward)
+    stepped = generator_step(parts, pending.sampled, reward, params, opt, extras.scale)
+    params, opt, scale, metrics = jax.tree.map(lambda new, old: jnp.where(pending.valid, new, old), stepped,
+                                               (params, opt, extras.scale, jax.tree.map(jnp.zeros_like, stepped[3])))
+    pending = Pending(ctx.schedule.extras, ctx.schedule.num_stages, mean_reward, change_scale, jnp.ones((), bool))
+    return params, opt, extras._replace(scale=scale, pending=pending), metrics
+
+
+def generator_step(parts: Parts, sampled: Sampled, reward: Array, params: B2MAPOParams, opt: B2MAPOParams,
                    stats: RewardScale) -> tuple[B2MAPOParams, B2MAPOParams, RewardScale, dict[str, Array]]:
-    """The generator (``gen_epochs`` PPO steps or one REINFORCE step) and the DAG critic on this
-    iteration's one decision; identical on every device (replicated inputs)."""
-    sampled, cfg = ctx.schedule.extras, parts.cfg
-    reward = generator_reward(parts, ctx)
+    """The generator (``gen_epochs`` PPO steps or one REINFORCE step) and the DAG critic on one
+    decision with its reward; identical on every device (replicated inputs)."""
+    cfg = parts.cfg
     baseline = parts.dag_critic.apply(params.dag_critic, sampled.context)
     stats = update_scale(stats, reward - baseline)
     advantage = jax.lax.stop_gradient((reward - baseline) / jnp.sqrt(stats.second_moment + 1e-8))
@@ -359,18 +403,16 @@ def acting_dag(adjacency: Array) -> ActingDag:
 
 def after_stages(parts: Parts, ctx: AfterStages) -> HookResult:
     params, opt, extras = ctx.params, ctx.opt_states, ctx.state.extras
-    stats = extras.scale
     metrics = {"num_batches": ctx.schedule.num_stages.astype(jnp.float32),
                "batch_of_agent": ctx.schedule.stage.astype(jnp.float32)}
     if ctx.schedule.extras is not None:
         metrics["dag_adjacency"] = ctx.schedule.extras.adjacency.astype(jnp.float32)
     if parts.cfg.partition == "dag":
-        params, opt, stats, gen_metrics = generator_step(parts, ctx, params, opt, stats)
+        params, opt, extras, gen_metrics = upper_layer(parts, ctx, params, opt, extras)
         metrics.update(gen_metrics)
     if parts.cfg.derived_policy or parts.conditioned:  # π_ind: executed, or π's base
         params, opt, ind_metrics = derived_step(parts, ctx, params, opt)
         metrics.update(ind_metrics)
-    extras = extras._replace(scale=stats)
     if parts.conditioned:  # the next rollout acts on this update's DAG
         extras = extras._replace(dag=acting_dag(ctx.schedule.extras.adjacency))
     return HookResult(params, opt, extras, metrics)
@@ -388,7 +430,7 @@ def capacity_of(cfg: B2MAPOConfig, num_agents: int) -> Optional[int]:
 
 
 def b2mapo_plan(parts: Parts) -> Plan:
-    learned = parts.cfg.partition == "dag"
+    learned = parts.cfg.partition == "dag" and parts.cfg.gen_reward == "surrogate"  # the reward reads the reports
     # Every partition numbers its non-empty batches 0..L-1 (dense: no empty-stage guard needed).
     return Plan(make_schedule(parts), num_stages=parts.spec.num_agents, capacity=parts.capacity, dense=True,
                 reports=learned, after_stages=lambda ctx: after_stages(parts, ctx))
@@ -516,6 +558,14 @@ def make_parts(settings: Any, spec: EnvSpec, nets: Optional[PolicyNets] = None) 
     return parts, networks
 
 
+def initial_pending(parts: Parts) -> Pending:
+    n = parts.spec.num_agents
+    sampled = Sampled(jnp.zeros((n, context_dim(parts.spec))), jnp.arange(n, dtype=jnp.int32),
+                      jnp.zeros((n, n), bool), jnp.zeros(()))
+    return Pending(sampled, jnp.ones((), jnp.int32), jnp.zeros(()), RewardScale(jnp.ones(()), jnp.zeros(())),
+                   jnp.zeros((), bool))
+
+
 def build(settings: Any, spec: EnvSpec, vec_env: Any, nets: Optional[PolicyNets] = None) -> Any:
     check_settings(settings)
     parts, networks = make_parts(settings, spec, nets)
@@ -523,7 +573,8 @@ def build(settings: Any, spec: EnvSpec, vec_env: Any, nets: Optional[PolicyNets]
     update = make_stage_update(joint_model(parts, vec_env), spec, Params(parts.opts.actor, parts.opts.critic),
                                cfg, b2mapo_plan(parts), settings.network.parameter_sharing == "separate")
     extras = B2MAPOExtras(RewardScale(jnp.ones(()), jnp.zeros(())),
-                          empty_dag(spec.num_agents) if parts.conditioned else None)
+                          empty_dag(spec.num_agents) if parts.conditioned else None,
+                          initial_pending(parts) if cfg.partition == "dag" and cfg.gen_reward == "return_change" else None)
     if cfg.derived_policy:
         executed = dict(eval_params=lambda s: s.params.ind, acting_nets=parts.ind_nets)
     else:

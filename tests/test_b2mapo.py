@@ -186,3 +186,43 @@ def test_bad_settings_name_the_key(tmp_results, override, needle):
     with pytest.raises(ConfigError, match=needle):
         settings = small_settings("b2mapo", b2mapo_anakin.CONFIG, SAME + extra, tmp_results)
         b2mapo_anakin.build(settings, Pick(3).spec, AutoResetVecEnv(Pick(3), settings.envs_per_device))
+
+
+def test_return_change_reward_credits_the_previous_updates_dag():
+    """gen_reward=return_change: the first update only stores its decision; the next one rewards
+    that decision with the change of the mean reward and moves its probability that way."""
+    n = 4
+    generator, critic = dag.DagGenerator(16, 1, 1, 0.0), dag.DagCritic(16)
+    spec = Pick(n).spec
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, b2mapo_anakin.context_dim(spec)))
+    gen_params, critic_params = generator.init(jax.random.PRNGKey(1), x), critic.init(jax.random.PRNGKey(2), x)
+    cfg = b2mapo_anakin.B2MAPOConfig(gen_ent_coef=0.0, gen_reward="return_change", gen_lr=1e-2)
+    opt = b2mapo_anakin.optax.adam(1e-2)
+    opts = b2mapo_anakin.B2MAPOParams(None, None, None, opt, opt)
+    parts = b2mapo_anakin.Parts(cfg, spec, None, None, None, generator, critic, opts, None)
+    params = b2mapo_anakin.B2MAPOParams(None, None, None, gen_params, critic_params)
+    opt_states = b2mapo_anakin.B2MAPOParams(None, None, None, opt.init(gen_params), opt.init(critic_params))
+
+    def decision(seed):
+        sample = dag.sample_dag(jax.random.PRNGKey(seed), *generator.apply(gen_params, x))
+        return b2mapo_anakin.Sampled(x, sample.order, sample.adjacency, sample.log_prob)
+
+    def after(params, opt_states, extras, sampled, mean_reward):
+        ctx = SimpleNamespace(schedule=SimpleNamespace(extras=sampled, num_stages=jnp.asarray(2, jnp.int32)),
+                              collected=SimpleNamespace(traj=SimpleNamespace(reward=jnp.full((4, 2, n), mean_reward))))
+        run = jax.vmap(lambda p, o, e: b2mapo_anakin.upper_layer(parts, ctx, p, o, e), axis_name=DEVICE_AXIS)
+        out = run(*jax.tree.map(lambda v: v[None], (params, opt_states, extras)))
+        return jax.tree.map(lambda v: v[0], out)
+
+    extras = b2mapo_anakin.B2MAPOExtras(b2mapo_anakin.RewardScale(jnp.ones(()), jnp.zeros(())), None,
+                                        b2mapo_anakin.initial_pending(parts))
+    first, second = decision(3), decision(4)
+    p1, o1, e1, m1 = after(params, opt_states, extras, first, 1.0)
+    jax.tree.map(np.testing.assert_array_equal, p1.generator, gen_params)  # nothing to reward yet
+    assert bool(e1.pending.valid) and np.array_equal(e1.pending.sampled.adjacency, first.adjacency)
+    log_prob = lambda p, s: float(dag.dag_log_prob(*generator.apply(p, x), s.order, s.adjacency))  # noqa: E731
+    for change, sign in ((0.5, 1.0), (-0.5, -1.0)):
+        p2, _, e2, m2 = after(p1, o1, e1, second, 1.0 + change)
+        assert sign * (log_prob(p2.generator, first) - log_prob(gen_params, first)) > 0.02
+        assert sign * float(m2["gen_reward"]) > 0
+        assert np.array_equal(e2.pending.sampled.adjacency, second.adjacency)

@@ -74,7 +74,8 @@ class Case:
         env, _ = make_envs(settings)
         self.num_agents = env.spec.num_agents
         mesh = make_mesh(settings.num_devices)
-        system = build(settings, env.spec, AutoResetVecEnv(env, settings.envs_per_device, settings.arch.num_resets))
+        self.env, self.vec_env = env, AutoResetVecEnv(env, settings.envs_per_device, settings.arch.num_resets)
+        self.system = system = build(settings, env.spec, self.vec_env)
         self.state = shard_state(init_learner_states(system, env, settings), mesh, system.env_fields)
         chunk = make_update_chunk(system, settings, mesh, self.state)
         walls, cpus = [], []
@@ -95,6 +96,7 @@ class Case:
         start, cpu = time.perf_counter(), time.process_time()
         self.state, metrics = self.compiled(self.state)
         jax.block_until_ready((self.state, metrics))
+        self.metrics = metrics  # the last chunk's (U, S) training metrics
         return time.perf_counter() - start, time.process_time() - cpu
 
     def row(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ established and which choices are ours, each a ``system.*`` key):
   construction) with its exact log-probability; the DAG's longest-path levels, cut into
   sub-batches of at most ``max_batch_size``, are the update stages. The generator is trained once
   per iteration as a one-step decision with PPO (or REINFORCE, ``gen_update``) on the reward
-  R = Σ_stages Σ_members (surrogate after − before) / mean|Â| − β·(stages / n), with the DAG critic
+  R = Σ_stages Σ_members (surrogate after − before) / (n · mean|Â|) − β·(stages / n), with the DAG critic
   (``DagCritic``) as baseline. Every device samples the same DAG (shared key, device-mean context).
   ``gen_reward=return_change``: R = Δ(mean reward per step) over the update / its running RMS − β·(stages / n),
   known one rollout later, so each decision is trained one update late.
@@ -26,9 +26,10 @@ established and which choices are ours, each a ``system.*`` key):
   π acts level by level on the DAG of the previous update's schedule (the acting DAG, in the
   learner-state extras; empty before the first update) and is trained on that DAG's parents
   (teacher-forced actions). At zero correction (its initialisation) π is π_ind.
-- π_ind: a parameter-shared decentralised actor trained every iteration with the MAPPO loss on the
-  same data (ratio against the behaviour policy, clipped), and pulled towards π by
-  ``kl_epochs`` epochs minimising KL(sg π ‖ π_ind) every ``kl_every`` iterations. Evaluation,
+- π_ind: a parameter-shared decentralised actor trained every iteration on the same data with
+  ``ind_epochs`` epochs (default one pass) of the MAPPO clip loss against the behaviour policy plus,
+  every ``kl_every`` iterations, ``kl_coef`` · KL(sg π ‖ π_ind) in the same loss (the KL pass
+  folded into π_ind's pass, as MAGPO's learner does: one pass over the data). Evaluation,
   ``evaluate.py`` and the results JSON use π_ind (``derived_policy=false``: π, an ablation).
 - Ablations (``partition``): ``dag`` (learned), ``random_dag``, ``one_batch`` (CoPPO), ``singletons``
   (random order: A2PO with a random order), ``semi_greedy`` (A2PO), ``blocks`` (contiguous blocks of
@@ -87,15 +88,14 @@ class B2MAPOConfig(StageConfig):
     gen_update: str = "ppo"  # ppo | reinforce
     gen_reward: str = "surrogate"  # surrogate: the batches' surrogate gains | return_change (one update late)
     batch_cost: float = 0.1  # β: the reward pays β per stage used, over n
-    edge_bias_init: float = 0.0  # initial edge probability sigmoid(edge_bias_init)
+    edge_bias_init: float = -2.0  # initial edge probability sigmoid(edge_bias_init)
     # the joint policy π and the derived policy π_ind
     joint_policy: str = "independent"
     derived_policy: bool = True  # train π_ind and execute it; false: execute π (π_ind still trains as the base of dag_conditioned)
     collector: str = "joint"  # joint: π collects | derived: π_ind collects
     ind_lr: float = 5e-4
-    ind_epochs: Optional[int] = None  # null: ppo_epochs
+    ind_epochs: int = 1  # π_ind's epochs over the iteration's data (MAPPO loss + the KL when due)
     kl_every: int = 1
-    kl_epochs: int = 1
     kl_coef: float = 1.0
 
     def check(self, prefix: str) -> None:
@@ -107,7 +107,7 @@ class B2MAPOConfig(StageConfig):
         one_of(f"{prefix}.collector", self.collector, ["joint", "derived"])
         if self.max_batch_size is not None:
             positive(f"{prefix}.max_batch_size", self.max_batch_size)
-        for key in ("num_blocks", "gen_dim", "gen_layers", "gen_epochs", "kl_every", "kl_epochs"):
+        for key in ("num_blocks", "gen_dim", "gen_layers", "gen_epochs", "kl_every", "ind_epochs"):
             positive(f"{prefix}.{key}", getattr(self, key))
         for key in ("gen_lr", "ind_lr", "gen_clip"):
             positive(f"{prefix}.{key}", getattr(self, key))
@@ -260,9 +260,10 @@ def make_schedule(parts: Parts):
 
 
 def generator_reward(parts: Parts, ctx: AfterStages) -> Array:
-    """Σ surrogate gains of the stages over mean|Â|, minus β per stage used (over n)."""
+    """The stages' surrogate gains (mean over agents) over mean|Â|, minus β per stage used (over
+    n): both terms per agent, so their balance does not change with the number of agents."""
     reports = ctx.reports
-    gain = jnp.sum(reports.surrogate_after - reports.surrogate_before)
+    gain = jnp.sum(reports.surrogate_after - reports.surrogate_before) / parts.spec.num_agents
     gain = jax.lax.pmean(gain, DEVICE_AXIS)
     scale = jax.lax.pmean(jnp.mean(jnp.abs(ctx.advantages)), DEVICE_AXIS) + 1e-8
     return gain / scale - parts.cfg.batch_cost * ctx.schedule.num_stages / parts.spec.num_agents
@@ -379,21 +380,15 @@ def ind_epochs(parts: Parts, ind: Any, state: Any, batch: IndBatch, key: Array, 
 
 def derived_step(parts: Parts, ctx: AfterStages, params: B2MAPOParams, opt: B2MAPOParams
                  ) -> tuple[B2MAPOParams, B2MAPOParams, dict[str, Array]]:
-    """π_ind's MAPPO step on the iteration's data, then (every ``kl_every`` iterations) the KL pass."""
+    """π_ind's pass on the iteration's data: MAPPO loss, plus kl_coef · KL(sg π ‖ π_ind) every
+    ``kl_every`` iterations (π after this iteration's stages is the target)."""
     cfg, traj = parts.cfg, ctx.collected.traj
     target = joint_head(parts, params.actor, ctx.collected.inputs)
     batch = IndBatch(observations(ctx.collected.inputs), traj.action, traj.log_prob, ctx.advantages, target)
-    ppo_key, kl_key = jax.random.split(ctx.key)
-    ind, ind_state, kl_before = ind_epochs(parts, params.ind, opt.ind, batch, ppo_key,
-                                           cfg.ind_epochs or cfg.ppo_epochs, 1.0, jnp.zeros(()))
     due = (ctx.state.update_count % cfg.kl_every) == 0
-
-    def kl_pass(carry: tuple[Any, Any]) -> tuple[Any, Any, Array]:
-        return ind_epochs(parts, carry[0], carry[1], batch, kl_key, cfg.kl_epochs, 0.0, jnp.asarray(cfg.kl_coef))
-
-    ind, ind_state, kl_after = jax.lax.cond(due, kl_pass, lambda c: (c[0], c[1], jnp.zeros(())), (ind, ind_state))
-    params, opt = params._replace(ind=ind), opt._replace(ind=ind_state)
-    return params, opt, {"ind_kl": kl_before, "ind_kl_pass": kl_after}
+    kl_weight = jnp.where(due, cfg.kl_coef, 0.0)
+    ind, ind_state, kl = ind_epochs(parts, params.ind, opt.ind, batch, ctx.key, cfg.ind_epochs, 1.0, kl_weight)
+    return params._replace(ind=ind), opt._replace(ind=ind_state), {"ind_kl": kl}
 
 
 def acting_dag(adjacency: Array) -> ActingDag:

@@ -431,20 +431,39 @@ def b2mapo_plan(parts: Parts) -> Plan:
                 reports=learned, after_stages=lambda ctx: after_stages(parts, ctx))
 
 
+def schedule_summary(batches: Any) -> dict[str, Any]:
+    """The number of batches per update (U, S) as JSON: its histogram over training, per quarter
+    of training, and per update (mean over seeds)."""
+    import numpy as np
+
+    def histogram(x: Any) -> dict[str, int]:
+        values, counts = np.unique(np.asarray(x).astype(int), return_counts=True)
+        return {str(v): int(c) for v, c in zip(values, counts)}
+
+    quarters = np.array_split(batches, 4) if len(batches) >= 4 else [batches]
+    return dict(updates=int(batches.shape[0]), seeds=int(batches.shape[1]), mean=float(batches.mean()),
+                histogram=histogram(batches), quarters=[dict(mean=float(q.mean()), histogram=histogram(q)) for q in quarters],
+                per_update_mean=[round(float(v), 3) for v in batches.mean(axis=1)])
+
+
 def plot_schedule(run_dir: str, chunks: list[dict[str, Any]]) -> None:
     """``schedule.png``: the number of batches per update over training (mean and range over
-    seeds) and the last update's DAG of seed 0, agents placed by batch."""
+    seeds) and the last update's DAG of seed 0, agents placed by batch; ``schedule.json``: the
+    distribution of the number of batches (``schedule_summary``)."""
+    import json
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from utils.logging import save_figure
+    from utils.logging import atomic_write_text, save_figure
 
     if not chunks:
         return
     batches = np.concatenate([np.asarray(c["num_batches"]) for c in chunks])  # (updates, seeds)
+    atomic_write_text(os.path.join(run_dir, "schedule.json"), json.dumps(schedule_summary(batches), indent=1))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(1, len(batches) + 1)
     left.plot(x, batches.mean(axis=1), label="mean over seeds")

@@ -226,3 +226,20 @@ def test_return_change_reward_credits_the_previous_updates_dag():
         assert sign * (log_prob(p2.generator, first) - log_prob(gen_params, first)) > 0.02
         assert sign * float(m2["gen_reward"]) > 0
         assert np.array_equal(e2.pending.sampled.adjacency, second.adjacency)
+
+
+def test_schedule_report_writes_the_picture_and_the_batch_distribution(tmp_path):
+    import json
+
+    n, seeds = 4, 2
+    adjacency = np.zeros((3, seeds, n, n), np.float32)
+    adjacency[-1, 0, 0, 2] = 1.0
+    chunks = [dict(num_batches=np.array([[2, 3], [2, 2], [4, 2]], np.float32),
+                   batch_of_agent=np.tile(np.array([0, 0, 1, 1], np.float32), (3, seeds, 1)), dag_adjacency=adjacency),
+              dict(num_batches=np.array([[3, 3]], np.float32),
+                   batch_of_agent=np.tile(np.array([0, 1, 1, 2], np.float32), (1, seeds, 1)), dag_adjacency=adjacency[:1])]
+    b2mapo_anakin.plot_schedule(str(tmp_path), chunks)
+    assert (tmp_path / "schedule.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "schedule.json").read_text())
+    assert summary["histogram"] == {"2": 4, "3": 3, "4": 1} and summary["updates"] == 4 and summary["seeds"] == 2
+    assert summary["per_update_mean"] == [2.5, 2.0, 3.0, 3.0]

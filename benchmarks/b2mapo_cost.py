@@ -10,7 +10,9 @@ rollout, epochs, minibatches, envs) and separate parameters (mappo too, so the n
   ``update`` = iteration − rollout, the learner's share;
 - ``compile``: the update chunk's compile (wall and process CPU);
 - ``L``: batches (stages) per update over the timed updates (b2mapo's generator learns meanwhile;
-  its distribution over whole training runs is in each run's ``schedule.json``);
+  its distribution over whole training runs is in each run's ``schedule.json``); the row
+  ``b2mapo blocks (L=2)`` fixes two batches of n/2, the fewest the default cap allows (what the
+  generator's batch cost drives towards), so it is the cost of a converged schedule;
 - sequential optimiser steps per iteration: the actor/critic steps that must run one after the
   other, stages x epochs x minibatches (mappo 1 stage, a2po n, b2mapo L), and b2mapo's extra
   ones (generator epochs + DAG critic + π_ind epochs x minibatches + the KL pass);
@@ -52,7 +54,8 @@ COMMON = ["system.rollout_length=128", "system.ppo_epochs=4", "system.num_miniba
           "network.parameter_sharing=separate"]
 # (row label, system, extra overrides)
 SYSTEMS = [("mappo", "mappo", []), ("a2po", "a2po", []), ("b2mapo", "b2mapo", []),
-           ("b2mapo dag_conditioned", "b2mapo", ["system.joint_policy=dag_conditioned"])]
+           ("b2mapo dag_conditioned", "b2mapo", ["system.joint_policy=dag_conditioned"]),
+           ("b2mapo blocks (L=2)", "b2mapo", ["system.partition=blocks", "system.num_blocks=2"])]
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -201,7 +204,8 @@ def markdown(rows: list[dict[str, Any]], batch: int) -> str:
     lines += ["", f"Acting latency, one `System.act` call (sampling), ms at batch 1 / {batch} envs:", "",
               "| task | executed policy | batch 1 | batch " + str(batch) + " |", "|---|---|---:|---:|"]
     executed = {"mappo": "mappo: per-agent actors", "a2po": "a2po: per-agent actors",
-                "b2mapo": "b2mapo: π_ind (shared actor)", "b2mapo dag_conditioned": "b2mapo dag_conditioned: π_ind"}
+                "b2mapo": "b2mapo: π_ind (shared actor)", "b2mapo dag_conditioned": "b2mapo dag_conditioned: π_ind",
+                "b2mapo blocks (L=2)": "b2mapo blocks: π_ind"}
     for row in rows:
         lines.append(f"| {row['env']} {row['task']} | {executed[row['system']]} | {row['act_ms_b1']:.3f} | "
                      f"{row[f'act_ms_b{batch}']:.3f} |")

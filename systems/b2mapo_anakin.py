@@ -558,7 +558,7 @@ def make_parts(settings: Any, spec: EnvSpec, nets: Optional[PolicyNets] = None) 
     generator = dag.DagGenerator(cfg.gen_dim, cfg.gen_layers, 1, cfg.edge_bias_init)
     dag_critic = dag.DagCritic(cfg.gen_dim)
     dummy = jnp.zeros((n, context_dim(spec)))
-    pair = actor_critic_networks(nets, make_stage_optimisers(settings, Plan(None, num_stages=n)))
+    pair = actor_critic_networks(nets, make_stage_optimisers(settings, n))
     if correction is not None:  # π's trained part is the correction
         pair = pair._replace(actor=pair.actor._replace(init=correction.init))
     networks = B2MAPOParams(

@@ -740,12 +740,13 @@ def make_stage_update(model: PolicyModel, spec: EnvSpec, opts: Params, cfg: Stag
 # ----------------------------------------------------------------------------------------------
 # Assembling a system
 # ----------------------------------------------------------------------------------------------
-def make_stage_optimisers(settings: Any, plan: Plan) -> Params:
-    """Adam per ``ppo.make_optimiser``; learning-rate decay counts each optimiser's own steps."""
+def make_stage_optimisers(settings: Any, num_stages: int, stage_epochs: Optional[int] = None) -> Params:
+    """Adam per ``ppo.make_optimiser`` for a plan of at most ``num_stages`` stages (and its
+    ``stage_epochs``); learning-rate decay counts each optimiser's own steps."""
     cfg = engine_config(settings.system)
     separate = settings.network.parameter_sharing == "separate"
-    epochs = cfg.stage_epochs or plan.stage_epochs or cfg.ppo_epochs
-    actor_steps = epochs * cfg.num_minibatches * (1 if separate else plan.num_stages)
+    epochs = cfg.stage_epochs or stage_epochs or cfg.ppo_epochs
+    actor_steps = epochs * cfg.num_minibatches * (1 if separate else num_stages)
     critic_steps = actor_steps if cfg.critic_update == "stage" else cfg.ppo_epochs * cfg.num_minibatches
 
     def decay(steps: int) -> Optional[int]:
@@ -781,7 +782,7 @@ def make_stage_system(settings: Any, spec: EnvSpec, vec_env: Any, plan: Plan,
         nets = make_policy_nets(settings.network, spec, cfg.centralised_critic)
     if nets.recurrent:
         check_recurrent_minibatches(settings)
-    networks = actor_critic_networks(nets, make_stage_optimisers(settings, plan))
+    networks = actor_critic_networks(nets, make_stage_optimisers(settings, plan.num_stages, plan.stage_epochs))
     model = policy_model(nets, spec, vec_env, cfg.rollout_length)
     update = make_stage_update(model, spec, optimisers(networks), cfg, plan,
                                settings.network.parameter_sharing == "separate")

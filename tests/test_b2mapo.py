@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from test_stages_engine import SAME, Pick, leaves, run_updates
+from test_stages_engine import SAME, Pick, leaves
 
 from types import SimpleNamespace
 

@@ -59,8 +59,8 @@ from networks.conditioned import (ActingDag, CorrectionNets, conditioned_head, e
                                   parent_features, sample_levels)
 from networks.policy import PolicyNets, make_policy_nets
 from systems.anakin import run_from_config
-from systems.policy import (Network, Params, PolicyModel, Sampler, actor_sampler, make_policy_system, optimisers,
-                            policy_model, sample_minibatches)
+from systems.policy import (Network, Params, PolicyModel, Sampler, actor_sampler, epochs_of_minibatches,
+                            make_policy_system, optimisers, policy_model, sample_minibatches)
 from systems.ppo import make_optimiser, normalise, ppo_clip_loss
 from systems.stages import (AfterStages, HookResult, Plan, Schedule, ScheduleContext, StageConfig,
                             actor_critic_networks, make_stage_optimisers, make_stage_update, semi_greedy_order)
@@ -371,10 +371,7 @@ def ind_epochs(parts: Parts, ind: Any, state: Any, batch: IndBatch, key: Array, 
         updates, opt_state = parts.opts.ind.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), kl
 
-    def epoch(carry: tuple[Any, Any], epoch_key: Array) -> tuple[Any, Array]:
-        return jax.lax.scan(step, carry, sample_minibatches(batch, epoch_key, parts.cfg.num_minibatches))
-
-    (ind, state), kl = jax.lax.scan(epoch, (ind, state), jax.random.split(key, epochs))
+    (ind, state), kl = epochs_of_minibatches(step, (ind, state), batch, key, epochs, parts.cfg.num_minibatches)
     return ind, state, jnp.mean(kl)
 
 

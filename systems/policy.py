@@ -214,6 +214,18 @@ def sequence_minibatches(batch: Any, key: Array, num_minibatches: int) -> Any:
     return jax.tree.map(split, batch)
 
 
+def epochs_of_minibatches(step: Callable[[Any, Any], tuple[Any, Any]], carry: Any, batch: Any, key: Array,
+                          num_epochs: int, num_minibatches: int,
+                          minibatches: Callable[[Any, Array, int], Any] = sample_minibatches) -> tuple[Any, Any]:
+    """``num_epochs`` epochs of ``step(carry, minibatch)`` over ``num_minibatches`` freshly shuffled
+    minibatches each (two nested scans; one key per epoch). Returns (carry, stacked step outputs)."""
+
+    def epoch(carry: Any, epoch_key: Array) -> tuple[Any, Any]:
+        return jax.lax.scan(step, carry, minibatches(batch, epoch_key, num_minibatches))
+
+    return jax.lax.scan(epoch, carry, jax.random.split(key, num_epochs))
+
+
 def training_inputs(nets: PolicyNets, state: LearnerState, traj: Transition, timestep: TimeStep) -> tuple[Any, Any]:
     """(inputs (T, E, A, ...), extended inputs (T+1, ...)) for training on a rollout."""
     extended_obs = jax.tree.map(append_time, traj.obs, timestep.observation)

@@ -65,7 +65,7 @@ from envs.types import EnvSpec
 from networks import make_distribution
 from networks.policy import PolicyNets, make_policy_nets
 from systems.policy import (Collected, Network, Params, PolicyModel, check_recurrent_minibatches,
-                            make_policy_system, optimisers, policy_model)
+                            epochs_of_minibatches, make_policy_system, optimisers, policy_model)
 from systems.ppo import (PPOConfig, TrainMetrics, clipped_value_errors, gae, make_optimiser, normalise, ppo_clip_loss,
                          reverse_trace_sum, update_keys)
 from utils.config import fail, one_of, positive, require
@@ -534,10 +534,8 @@ def train(eng: Engine, group: Group, params: Params, opt_states: Params, batch: 
     def step(carry: Any, minibatch: StageBatch) -> tuple[Any, TrainMetrics]:
         return minibatch_step(eng, group, update_actor, update_critic, carry, minibatch)
 
-    def epoch(carry: Any, epoch_key: Array) -> tuple[Any, TrainMetrics]:
-        return jax.lax.scan(step, carry, eng.model.minibatches(batch, epoch_key, eng.cfg.num_minibatches))
-
-    (params, opt_states), metrics = jax.lax.scan(epoch, (params, opt_states), jax.random.split(key, num_epochs))
+    (params, opt_states), metrics = epochs_of_minibatches(step, (params, opt_states), batch, key, num_epochs,
+                                                          eng.cfg.num_minibatches, eng.model.minibatches)
     return params, opt_states, metrics
 
 

@@ -27,9 +27,9 @@ established and which choices are ours, each a ``system.*`` key):
   learner-state extras; empty before the first update) and is trained on that DAG's parents
   (teacher-forced actions). At zero correction (its initialisation) π is π_ind.
 - π_ind: a parameter-shared decentralised actor trained every iteration on the same data with
-  ``ind_epochs`` epochs (default one pass) of the MAPPO clip loss against the behaviour policy plus,
-  every ``kl_every`` iterations, ``kl_coef`` · KL(sg π ‖ π_ind) in the same loss (the KL pass
-  folded into π_ind's pass, as MAGPO's learner does: one pass over the data). Evaluation,
+  ``ind_epochs`` epochs of ``ind_minibatches`` minibatches (2 x 4) of the MAPPO clip loss against
+  the behaviour policy plus, every ``kl_every`` iterations, ``kl_coef`` · KL(sg π ‖ π_ind) in the
+  same loss (the KL pass folded into π_ind's pass, as MAGPO's learner does). Evaluation,
   ``evaluate.py`` and the results JSON use π_ind (``derived_policy=false``: π, an ablation).
 - Ablations (``partition``): ``dag`` (learned), ``random_dag``, ``one_batch`` (CoPPO), ``singletons``
   (random order: A2PO with a random order), ``semi_greedy`` (A2PO), ``blocks`` (contiguous blocks of
@@ -94,7 +94,8 @@ class B2MAPOConfig(StageConfig):
     derived_policy: bool = True  # train π_ind and execute it; false: execute π (π_ind still trains as the base of dag_conditioned)
     collector: str = "joint"  # joint: π collects | derived: π_ind collects
     ind_lr: float = 5e-4
-    ind_epochs: int = 1  # π_ind's epochs over the iteration's data (MAPPO loss + the KL when due)
+    ind_epochs: int = 2  # π_ind's epochs over the iteration's data (MAPPO loss + the KL when due)
+    ind_minibatches: int = 4  # π_ind's minibatches per epoch
     kl_every: int = 1
     kl_coef: float = 1.0
 
@@ -107,7 +108,8 @@ class B2MAPOConfig(StageConfig):
         one_of(f"{prefix}.collector", self.collector, ["joint", "derived"])
         if self.max_batch_size is not None:
             positive(f"{prefix}.max_batch_size", self.max_batch_size)
-        for key in ("num_blocks", "gen_dim", "gen_layers", "gen_epochs", "kl_every", "ind_epochs"):
+        for key in ("num_blocks", "gen_dim", "gen_layers", "gen_epochs", "kl_every", "ind_epochs",
+                    "ind_minibatches"):
             positive(f"{prefix}.{key}", getattr(self, key))
         for key in ("gen_lr", "ind_lr", "gen_clip"):
             positive(f"{prefix}.{key}", getattr(self, key))
@@ -371,7 +373,7 @@ def ind_epochs(parts: Parts, ind: Any, state: Any, batch: IndBatch, key: Array, 
         updates, opt_state = parts.opts.ind.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), kl
 
-    (ind, state), kl = epochs_of_minibatches(step, (ind, state), batch, key, epochs, parts.cfg.num_minibatches)
+    (ind, state), kl = epochs_of_minibatches(step, (ind, state), batch, key, epochs, parts.cfg.ind_minibatches)
     return ind, state, jnp.mean(kl)
 
 
@@ -488,6 +490,10 @@ def context_dim(spec: EnvSpec) -> int:
 
 
 def check_settings(settings: Any) -> None:
+    samples = settings.system.rollout_length * settings.envs_per_device
+    if samples % settings.system.ind_minibatches:
+        fail("system.ind_minibatches", settings.system.ind_minibatches,
+             f"must divide rollout_length x envs per device ({samples})")
     if settings.network.kind != "ff":
         fail("network.kind", settings.network.kind, "b2mapo supports feed-forward networks (ff) so far")
     if settings.network.parameter_sharing != "separate" and settings.system.partition != "one_batch":

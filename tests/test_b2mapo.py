@@ -73,6 +73,7 @@ def test_one_batch_is_coppo_and_without_the_coupling_ppo(tmp_results):
     assert_same_actor_critic(b2, ppo, init)
 
 
+@pytest.mark.slow  # the dag_conditioned two-device test covers the same update path (generator, π_ind, both devices)
 def test_learned_partition_trains_every_network_and_agrees_across_devices(tmp_results):
     """Two devices with their own envs: generator, DAG critic, π_ind and π stay identical on both
     (so both ran the same DAG); every network moved."""

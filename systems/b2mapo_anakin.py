@@ -284,6 +284,15 @@ def generator_loss(gen_params: Any, parts: Parts, sampled: Sampled, advantage: A
     return -surrogate - cfg.gen_ent_coef * entropy, entropy
 
 
+def fresh_scale() -> RewardScale:
+    return RewardScale(jnp.ones(()), jnp.zeros(()))
+
+
+def where_tree(pred: Array, new: Any, old: Any) -> Any:
+    """``new`` where the scalar ``pred`` holds, else ``old``, leaf by leaf (shapes kept)."""
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
 def update_scale(scale: RewardScale, x: Array, decay: float = 0.95) -> RewardScale:
     return RewardScale(decay * scale.second_moment + (1.0 - decay) * jnp.square(x), scale.count + 1.0)
 
@@ -293,7 +302,7 @@ def return_change_reward(parts: Parts, pending: Pending, mean_reward: Array) -> 
     pending update to the one after it, over its running RMS, minus β per stage used (over n)."""
     change = mean_reward - pending.mean_reward
     scale = update_scale(pending.change_scale, change)
-    scale = jax.tree.map(lambda new, old: jnp.where(pending.valid, new, old), scale, pending.change_scale)
+    scale = where_tree(pending.valid, scale, pending.change_scale)
     reward = change / jnp.sqrt(scale.second_moment + 1e-8)
     return reward - parts.cfg.batch_cost * pending.num_stages / parts.spec.num_agents, scale
 
@@ -310,8 +319,8 @@ def upper_layer(parts: Parts, ctx: AfterStages, params: B2MAPOParams, opt: B2MAP
     mean_reward = jax.lax.pmean(jnp.mean(ctx.collected.traj.reward), DEVICE_AXIS)
     reward, change_scale = return_change_reward(parts, pending, mean_reward)
     stepped = generator_step(parts, pending.sampled, reward, params, opt, extras.scale)
-    params, opt, scale, metrics = jax.tree.map(lambda new, old: jnp.where(pending.valid, new, old), stepped,
-                                               (params, opt, extras.scale, jax.tree.map(jnp.zeros_like, stepped[3])))
+    params, opt, scale, metrics = where_tree(pending.valid, stepped,
+                                             (params, opt, extras.scale, jax.tree.map(jnp.zeros_like, stepped[3])))
     pending = Pending(ctx.schedule.extras, ctx.schedule.num_stages, mean_reward, change_scale, jnp.ones((), bool))
     return params, opt, extras._replace(scale=scale, pending=pending), metrics
 
@@ -579,7 +588,7 @@ def initial_pending(parts: Parts) -> Pending:
     n = parts.spec.num_agents
     sampled = Sampled(jnp.zeros((n, context_dim(parts.spec))), jnp.arange(n, dtype=jnp.int32),
                       jnp.zeros((n, n), bool), jnp.zeros(()))
-    return Pending(sampled, jnp.ones((), jnp.int32), jnp.zeros(()), RewardScale(jnp.ones(()), jnp.zeros(())),
+    return Pending(sampled, jnp.ones((), jnp.int32), jnp.zeros(()), fresh_scale(),
                    jnp.zeros((), bool))
 
 
@@ -589,7 +598,7 @@ def build(settings: Any, spec: EnvSpec, vec_env: Any, nets: Optional[PolicyNets]
     cfg = parts.cfg
     update = make_stage_update(joint_model(parts, vec_env), spec, Params(parts.opts.actor, parts.opts.critic),
                                cfg, b2mapo_plan(parts), settings.network.parameter_sharing == "separate")
-    extras = B2MAPOExtras(RewardScale(jnp.ones(()), jnp.zeros(())),
+    extras = B2MAPOExtras(fresh_scale(),
                           empty_dag(spec.num_agents) if parts.conditioned else None,
                           initial_pending(parts) if cfg.partition == "dag" and cfg.gen_reward == "return_change" else None)
     if cfg.derived_policy:

@@ -40,11 +40,12 @@ from envs.vector import AutoResetVecEnv
 from systems.contract import System, SystemBuilder, needs_global_state, stacked_eval_params, train_summary
 from systems.evaluation import EvalResult, make_evaluator
 from systems.resume import Evaluation, HostRecord, find_resume_point, restore_run, save_checkpoint
-from systems.settings import Settings, config_dict, load_settings
+from systems.settings import ArchConfig, Settings, config_dict, load_settings
 from utils import checkpointing
 from utils.checkpointing import CheckpointError, entry_point
-from utils.config import ConfigError
-from utils.devices import DEVICE_AXIS, make_mesh, maybe_initialize_distributed
+from utils.config import ConfigError, section, to_container
+from utils.devices import (DEVICE_AXIS, device_note, enable_compilation_cache, make_mesh, maybe_initialize_distributed,
+                           use_every_core)
 from utils.logging import Console, MarlEvalJson, plot_learning_curve
 from utils.neptune_logger import NeptuneLogger, NeptuneMissingError, start_neptune
 
@@ -338,7 +339,7 @@ def open_outputs(settings: Settings, build_system: SystemBuilder, run_dir: str, 
     os.makedirs(run_dir, exist_ok=True)
     seeds = list(range(arch.seed, arch.seed + arch.num_seeds))
     results = MarlEvalJson(logcfg.json_path or os.path.join(run_dir, "metrics.json"),
-                           settings.env.name, settings.env.task, settings.system.name, seeds)
+                           settings.env.name, settings.env.task, settings.algorithm_label, seeds)
     neptune = start_neptune(logcfg.neptune, os.path.basename(os.path.normpath(run_dir)), config_dict(settings),
                             warn=lambda text: say(f"warning: {text}"), say=say) if primary else NeptuneLogger(None, "off", say)
     checkpoint_dir = os.path.join(run_dir, "checkpoints") if logcfg.checkpoint.enabled else None
@@ -437,7 +438,7 @@ def run(
                        setup.system.console_metrics)
     try:
         say(f"{settings.system.name} on {settings.env.name}/{settings.env.task}: {arch.num_seeds} seed(s), "
-            f"{settings.num_devices} device(s), {arch.num_envs} envs, "
+            f"{settings.num_devices} device(s){device_note(settings.num_devices)}, {arch.num_envs} envs, "
             f"{settings.num_updates_per_eval * arch.num_evaluation} updates; compiling...")
         state, record, last_checkpoint = start_state(setup, settings, resume_point, out, say)
         chunk, compile_seconds = compile_update_chunk(setup.system, settings, setup.mesh, state)
@@ -496,11 +497,20 @@ def run_from_config(cfg: Any, system_cls: type, build_system: SystemBuilder) -> 
     message instead of a traceback.
     """
     try:
+        prepare_process(cfg)
         settings = load_settings(cfg, system_cls)
         result = run(settings, build_system, run_dir=_hydra_run_dir())
     except (ConfigError, CheckpointError, NonFiniteError, NeptuneMissingError) as err:
         raise SystemExit(f"error: {err}") from None
     return float(np.mean(result.eval_returns[-1]))
+
+
+def prepare_process(cfg: Any) -> None:
+    """What must happen before jax creates its devices: one CPU device per core unless the user
+    chose a count (``utils.devices.use_every_core``), and the persistent compilation cache."""
+    arch = section(ArchConfig, to_container(cfg).get("arch"), "arch")
+    use_every_core(arch.num_devices is not None, arch.sizes())
+    enable_compilation_cache(arch.compilation_cache)
 
 
 def _hydra_run_dir() -> Optional[str]:

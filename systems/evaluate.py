@@ -39,6 +39,7 @@ from systems.settings import Settings, load_settings
 from utils import checkpointing
 from utils.checkpointing import CheckpointError, load_entry_point
 from utils.config import ConfigError
+from utils.devices import use_every_core
 
 EVAL_INDEX_OFFSET = 2_000_000  # evaluation keys differ from those used during training
 
@@ -198,6 +199,7 @@ def evaluate_checkpoint(args: argparse.Namespace, say: Callable[[str], None] = p
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    use_every_core(args.num_devices is not None)  # before jax starts: the episodes split over every core
     try:
         evaluate_checkpoint(args)
     except CheckpointError as err:

@@ -71,7 +71,8 @@ def save_checkpoint(checkpointer: checkpointing.Checkpointer, index: int, state:
 
 def training_config(config: dict[str, Any], num_devices: int) -> dict[str, Any]:
     """The parts of a config that change what is computed (the logger section does not)."""
-    return {**{name: config[name] for name in ("arch", "env", "network", "system")}, "devices": num_devices}
+    arch = {key: value for key, value in config["arch"].items() if key != "compilation_cache"}  # not training
+    return {"arch": arch, **{name: config[name] for name in ("env", "network", "system")}, "devices": num_devices}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -28,6 +28,7 @@ class ArchConfig:
     num_devices: Optional[int] = None  # None: every device jax sees
     distributed: bool = False  # call jax.distributed.initialize() (multi-host)
     num_resets: Optional[int] = None  # fresh starts computed per step; None: num_envs/16 per device
+    compilation_cache: Union[bool, str] = "auto"  # auto: a per-user folder | off | a folder path
 
     def check(self, prefix: str) -> None:
         for key in ("num_seeds", "num_envs", "total_timesteps", "num_evaluation", "num_eval_episodes"):
@@ -38,6 +39,13 @@ class ArchConfig:
             positive(f"{prefix}.num_devices", self.num_devices)
         if self.num_resets is not None:
             positive(f"{prefix}.num_resets", self.num_resets)
+        require(self.compilation_cache is not True and bool(str(self.compilation_cache).strip()),
+                f"{prefix}.compilation_cache", self.compilation_cache, "must be auto, off (or false) or a folder path")
+
+    def sizes(self) -> tuple[int, ...]:
+        """What every device count must divide: envs and both evaluation episode counts."""
+        episodes = self.num_absolute_metric_eval_episodes or 10 * self.num_eval_episodes
+        return self.num_envs, self.num_eval_episodes, episodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +127,7 @@ class NeptuneConfig:
 class LoggerConfig:
     base_dir: str = "results"  # run folders go under here
     json_path: Optional[str] = None  # marl-eval JSON (appended); None: <run dir>/metrics.json
+    algorithm_name: Optional[str] = None  # the run's name in that JSON; None: algorithm_label(settings)
     plot: bool = True
     progress: bool = True  # live progress bar on a terminal
     log_every: Optional[int] = None  # one console line every N evaluations; None: about 20 lines a run
@@ -128,6 +137,9 @@ class LoggerConfig:
 
     def check(self, prefix: str) -> None:
         require(bool(self.base_dir), f"{prefix}.base_dir", self.base_dir, "must be a folder path")
+        if self.algorithm_name is not None:
+            require(bool(str(self.algorithm_name).strip()), f"{prefix}.algorithm_name", self.algorithm_name,
+                    "must be a non-empty name (or null for <ff|rec>_<system>_<shared|separate>)")
         if self.log_every is not None:
             positive(f"{prefix}.log_every", self.log_every)
         if isinstance(self.resume, str):
@@ -157,6 +169,16 @@ class Settings:
     @property
     def total_steps(self) -> int:
         return self.steps_per_chunk * self.arch.num_evaluation
+
+    @property
+    def algorithm_label(self) -> str:
+        """The run's algorithm name in the marl-eval JSON: ``logger.algorithm_name``, else
+        ``<ff|rec>_<system>_<shared|separate>`` (Mava's ff/rec prefix, then the parameter sharing, so
+        both variants of one system can share a JSON file and a figure)."""
+        if self.logger.algorithm_name is not None:
+            return str(self.logger.algorithm_name)
+        kind = "rec" if self.network.kind == "rnn" else "ff"
+        return f"{kind}_{self.system.name}_{self.network.parameter_sharing}"
 
 
 SECTIONS = ("arch", "env", "network", "system", "logger")

@@ -31,6 +31,7 @@ def test_defaults_are_valid_and_derive_sizes():
         (["network.parameter_sharing=some"], ["network.parameter_sharing", "some", "separate"]),
         (["arch.total_timesteps=100"], ["arch.total_timesteps", "100", "num_evaluation"]),
         (["system.clip_eps=abc"], ["system.clip_eps", "abc", "number"]),
+        (["logger.algorithm_name=' '"], ["logger.algorithm_name", "non-empty"]),
     ],
 )
 def test_errors_name_key_value_and_allowed(overrides, needles):
@@ -43,3 +44,9 @@ def test_errors_name_key_value_and_allowed(overrides, needles):
 def test_more_devices_than_available_is_rejected():
     with pytest.raises(ConfigError, match="arch.num_devices"):
         settings(["arch.num_devices=4"], devices=2)
+
+
+def test_the_results_name_says_network_kind_system_and_sharing():
+    assert settings([]).algorithm_label == "ff_mappo_shared"
+    assert settings(["network=rnn", "network.parameter_sharing=separate"]).algorithm_label == "rec_mappo_separate"
+    assert settings(["logger.algorithm_name=mappo_lr3e-4"]).algorithm_label == "mappo_lr3e-4"

@@ -83,7 +83,7 @@ def test_run_writes_checkpoints_json_and_evaluates_before_training(trained):
     assert trained.absolute_return is not None and trained.absolute_return.shape == (1,)
     with open(os.path.join(trained.run_dir, "metrics.json")) as f:
         data = json.load(f)
-    seed = data["lbf"]["8x8-2p-2f-coop"]["mappo"]["seed_42"]
+    seed = data["lbf"]["8x8-2p-2f-coop"]["ff_mappo_shared"]["seed_42"]
     assert sorted(seed) == ["absolute_metrics", "step_0", "step_1", "step_2"]  # Mava's count of entries
     assert [seed[f"step_{i}"]["step_count"] for i in range(3)] == [256, 512, 768]
     for key in ("mean_episode_return", "steps_per_second", "elapsed_time"):

@@ -6,17 +6,38 @@
 Reads the layout ``utils.logging.MarlEvalJson`` writes (``env -> task -> algorithm -> seed_k ->
 step_k``); several runs share one file through ``logger.json_path``. Also prints, per algorithm, the
 final mean ± std over seeds and the absolute metric, so the numbers behind the plot are in the log.
+
+Our runs are named ``<ff|rec>_<system>_<shared|separate>`` (``Settings.algorithm_label``): the legend
+reads "system (shared)" and both variants of one system share its colour, separate parameters dashed.
+Other names (Mava's ``ff_mappo``, older files' ``mappo``) are drawn as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from utils.logging import save_figure
+
+
+class Label(NamedTuple):
+    system: str  # the colour key: ours "<ff|rec>_<system>_*" (both sharings), others their own name
+    sharing: str | None  # "shared" | "separate" | None (not one of our names)
+    text: str  # legend text
+
+
+def parse_label(algorithm: str) -> Label:
+    """``ff_a2po_separate`` -> Label("ff_a2po_*", "separate", "a2po (separate)"); ``rec_`` keeps its prefix."""
+    match = re.fullmatch(r"(ff|rec)_(.+)_(shared|separate)", algorithm)
+    if not match:
+        return Label(algorithm, None, algorithm)
+    kind, system, sharing = match.groups()
+    name = system if kind == "ff" else f"rec_{system}"
+    return Label(f"{kind}_{system}_*", sharing, f"{name} ({sharing})")
 
 
 def curves(data: dict[str, Any], env: str, task: str, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -56,15 +77,20 @@ def plot_comparison(json_path: str, env: str, task: str, out: str, metric: str =
         data = json.load(f)
     found = curves(data, env, task, metric)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = {algorithm: parse_label(algorithm) for algorithm in found}
+    colours = {system: f"C{i}" for i, system in enumerate(dict.fromkeys(label.system for label in labels.values()))}
     lines = []
     for algorithm, (steps, values) in found.items():
-        mean = values.mean(axis=1)
-        ax.plot(steps, mean, label=f"{algorithm} ({values.shape[1]} seeds)")
+        label = labels[algorithm]
+        mean, colour = values.mean(axis=1), colours[label.system]
+        ax.plot(steps, mean, color=colour, linestyle="--" if label.sharing == "separate" else "-",
+                label=f"{label.text} ({values.shape[1]} seeds)")
         if values.shape[1] > 1:
-            ax.fill_between(steps, values.min(axis=1), values.max(axis=1), alpha=0.2)
+            ax.fill_between(steps, values.min(axis=1), values.max(axis=1), color=colour,
+                            alpha=0.1 if label.sharing == "separate" else 0.2)
         final = values[-1]
         best = absolute(data, env, task, algorithm, metric)
-        line = (f"{algorithm}: final {metric} {final.mean():.3f} ± {final.std():.3f} at {steps[-1]:,.0f} steps "
+        line = (f"{label.text}: final {metric} {final.mean():.3f} ± {final.std():.3f} at {steps[-1]:,.0f} steps "
                 f"(seeds: {', '.join(f'{v:.3f}' for v in final)})")
         if best.size:
             line += f"; absolute metric {best.mean():.3f} ± {best.std():.3f}"

@@ -1,6 +1,7 @@
 """SMAX and MPE adapters: the env contract under jit + vmap with random legal actions (MPE
 through ``AutoResetVecEnv``, SMAX through plain ``vmap``, which compiles faster), episode ends,
-win reporting, and (MPE) equality with the raw JaxMARL env."""
+win reporting, and equality with the raw JaxMARL envs (SMAX: views, masks, world state, rewards and
+ends; MPE: views and rewards)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import envs  # noqa: E402
-from envs.types import LAST  # noqa: E402
+from envs.types import LAST, make_timestep  # noqa: E402
 from envs.vector import AutoResetVecEnv  # noqa: E402
 
 NUM_ENVS = 8
@@ -182,6 +183,64 @@ def test_smax_reports_a_win(smax_3m):
     assert np.all(np.asarray(ts.extras["won_episode"])) and np.all(np.asarray(ts.terminated()))
     assert np.all(np.asarray(ts.discount) == 0.0)
     assert np.all(np.asarray(ts.reward) >= 1.0)  # won_battle_bonus
+
+
+def _near_win(state):
+    """Every enemy but enemy 0 dead, enemy 0 on one hit point next to ally 0 (unbatched state)."""
+    inner = state.env_state.state
+    health = inner.unit_health.at[3:].set(0.0).at[3].set(1.0)
+    pos = inner.unit_positions.at[3].set(inner.unit_positions[0] + jnp.array([1.0, 0.0]))
+    inner = inner.replace(unit_health=health, unit_alive=health > 0, unit_positions=pos)
+    return state._replace(env_state=state.env_state.replace(state=inner))
+
+
+def test_smax_matches_jaxmarl(smax_3m):
+    """Views, masks, world state, rewards and episode ends equal the raw HeuristicEnemySMAX's
+    (its step_env with the adapter's keys) over a random episode (a time-limit end) and a won one:
+    the adapter changes no feature, reward or mask on the way through."""
+    env, _, _ = smax_3m
+    raw = env._env
+    rng = np.random.default_rng(0)
+
+    def play(state, ts, raw_obs, raw_state, shoot):
+        for _ in range(env.spec.time_limit):
+            raw_avail = raw.get_avail_actions(raw_state)
+            views = np.stack([raw_obs[a] for a in raw.agents])
+            np.testing.assert_array_equal(ts.observation.agents_view, views)
+            mask = np.stack([raw_avail[a] for a in raw.agents]).astype(bool)
+            np.testing.assert_array_equal(ts.observation.action_mask, mask)
+            world = np.broadcast_to(raw_obs["world_state"], ts.observation.global_state.shape)
+            np.testing.assert_array_equal(ts.observation.global_state, world)
+            legal = [np.flatnonzero(m) for m in mask]
+            action = np.array([5 if shoot and 5 in ok else rng.choice(ok) for ok in legal], np.int32)
+            step_key = jax.random.split(state.key)[1]
+            state, ts = env.step(state, jnp.asarray(action))
+            raw_action = {a: jnp.asarray(action[i]) for i, a in enumerate(raw.agents)}
+            raw_obs, raw_state, raw_reward, raw_done, _ = raw.step_env(
+                step_key, _strong(raw_state), raw_action
+            )
+            np.testing.assert_array_equal(ts.reward, np.stack([raw_reward[a] for a in raw.agents]))
+            assert bool(ts.last()) == bool(raw_done["__all__"])
+            if ts.last():
+                alive = np.asarray(raw_state.state.unit_alive)
+                return ts, alive[:3].any(), alive[3:].any()
+        raise AssertionError("no episode end within the time limit")
+
+    key = jax.random.PRNGKey(0)
+    state, ts = env.reset(key)
+    raw_obs, raw_state = raw.reset(jax.random.split(key)[1])
+    ts, allies, enemies = play(state, ts, raw_obs, raw_state, shoot=False)
+    assert allies and enemies and ts.truncated()  # random play on 3m runs to the limit
+    assert not ts.extras["won_episode"]
+
+    state = _near_win(env.reset(key)[0])
+    raw_state = state.env_state
+    raw_obs = {**raw.get_obs(raw_state), "world_state": raw.get_world_state(raw_state)}
+    obs = env._observation(raw_state, raw_obs)  # the adapter's view of the edited state
+    ts = make_timestep(obs, jnp.zeros(3), False, False, first=True)
+    ts, allies, enemies = play(state, ts, raw_obs, raw_state, shoot=True)
+    assert allies and not enemies and ts.terminated() and ts.extras["won_episode"]
+    assert np.all(np.asarray(ts.reward) >= 1.0)
 
 
 def test_mpe_simple_spread_3ag_contract():

@@ -193,8 +193,8 @@ def test_schedule_is_identical_on_every_device_even_with_different_data():
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,cls,sharing", [("coppo", StageConfig, "shared"), ("happo", StageConfig, "separate"),
-                                               ("a2po", A2POConfig, "separate")])
+@pytest.mark.parametrize("name,cls,sharing", [("coppo", StageConfig, "shared"), ("happo", StageConfig, "shared"),
+                                               ("a2po", A2POConfig, "shared")])
 def test_configs_load_with_the_reference_defaults(tmp_results, name, cls, sharing):
     settings = small_settings(name, cls, [], tmp_results)
     cfg = settings.system

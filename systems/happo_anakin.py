@@ -5,7 +5,7 @@ the already-updated agents' ratios; the centralised critic is trained once, afte
 Shared parameters by default: one actor, updated stage by stage on a loss masked to the stage's
 agent. That is the setting of the comparisons users quote (the A2PO paper's SMAC table: every method
 "w/ PS") and it measured ahead here (``benchmarks/results/learning.md``, parameter sharing: lbf
-10x10-3p-3f 0.82 vs 0.68 at 1M steps and absolute 0.911 vs 0.896; connector con-7x7x5a 3.02 at
+10x10-3p-3f 0.77 vs 0.68 at 0.98M steps and absolute 0.911 vs 0.896; connector con-7x7x5a 3.02 at
 0.59M vs 2.66 at 2M). ``network.parameter_sharing=separate`` is HAPPO's theory and HARL's default
 (``share_param: False``): one actor per agent, each trained in its own stage.
 

@@ -39,7 +39,7 @@ from systems.settings import Settings, load_settings
 from utils import checkpointing
 from utils.checkpointing import CheckpointError, load_entry_point
 from utils.config import ConfigError
-from utils.devices import use_every_core
+from utils.devices import dividing_count, use_every_core
 
 EVAL_INDEX_OFFSET = 2_000_000  # evaluation keys differ from those used during training
 
@@ -79,10 +79,6 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _devices_for(counts: Sequence[int], available: int) -> int:
-    return max(d for d in range(1, available + 1) if all(c % d == 0 for c in counts))
-
-
 def load_checkpoint(path: str, which: str = "latest", params: str = "final", episodes: Optional[int] = None,
                     greedy: Optional[bool] = None, num_devices: Optional[int] = None) -> Loaded:
     """Rebuilds the run's system from the checkpoint's config and loads its evaluation parameters."""
@@ -99,7 +95,7 @@ def load_checkpoint(path: str, which: str = "latest", params: str = "final", epi
     if greedy is not None:
         arch["evaluation_greedy"] = greedy
     arch["num_absolute_metric_eval_episodes"] = arch["num_eval_episodes"]
-    arch["num_devices"] = num_devices or _devices_for([arch["num_envs"], arch["num_eval_episodes"]], jax.device_count())
+    arch["num_devices"] = num_devices or dividing_count([arch["num_envs"], arch["num_eval_episodes"]], jax.device_count())
     arch["distributed"] = False
     config["logger"].update(resume=False, neptune={**config["logger"]["neptune"], "enabled": False})
     try:

@@ -42,10 +42,14 @@ class ArchConfig:
         require(self.compilation_cache is not True and bool(str(self.compilation_cache).strip()),
                 f"{prefix}.compilation_cache", self.compilation_cache, "must be auto, off (or false) or a folder path")
 
+    @property
+    def absolute_episodes(self) -> int:
+        """Episodes of the absolute metric: ``num_absolute_metric_eval_episodes`` or 10 x ``num_eval_episodes``."""
+        return self.num_absolute_metric_eval_episodes or 10 * self.num_eval_episodes
+
     def sizes(self) -> tuple[int, ...]:
         """What every device count must divide: envs and both evaluation episode counts."""
-        episodes = self.num_absolute_metric_eval_episodes or 10 * self.num_eval_episodes
-        return self.num_envs, self.num_eval_episodes, episodes
+        return self.num_envs, self.num_eval_episodes, self.absolute_episodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +196,7 @@ def load_settings(cfg: Any, system_cls: type, available_devices: Optional[int] =
         raise ConfigError(f"unknown top-level config keys {unknown}; valid: {list(SECTIONS)}")
     arch = section(ArchConfig, raw.get("arch"), "arch")
     if arch.num_absolute_metric_eval_episodes is None:
-        arch = dataclasses.replace(arch, num_absolute_metric_eval_episodes=10 * arch.num_eval_episodes)
+        arch = dataclasses.replace(arch, num_absolute_metric_eval_episodes=arch.absolute_episodes)
     env = section(EnvConfig, raw.get("env"), "env")
     network = section(NetworkConfig, raw.get("network"), "network")
     system = section(system_cls, raw.get("system"), "system")

@@ -26,6 +26,11 @@ def host_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def dividing_count(sizes: Sequence[int], limit: int) -> int:
+    """The largest device count up to ``limit`` that divides every entry of ``sizes``."""
+    return max(d for d in range(1, max(limit, 1) + 1) if all(size % d == 0 for size in sizes))
+
+
 def _backends_started() -> bool:
     try:
         from jax._src import xla_bridge
@@ -48,8 +53,7 @@ def use_every_core(chosen: bool, sizes: Sequence[int] = (), cores: Optional[int]
     global AUTO_HOST_DEVICES
     if chosen or HOST_DEVICE_FLAG in os.environ.get("XLA_FLAGS", "") or _backends_started():
         return None
-    cores = max(host_cores() if cores is None else cores, 1)
-    count = max(d for d in range(1, cores + 1) if all(size % d == 0 for size in sizes))
+    count = dividing_count(sizes, host_cores() if cores is None else cores)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {HOST_DEVICE_FLAG}={count}".strip()
     AUTO_HOST_DEVICES = count
     return count

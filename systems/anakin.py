@@ -43,9 +43,9 @@ from systems.resume import Evaluation, HostRecord, find_resume_point, restore_ru
 from systems.settings import ArchConfig, Settings, config_dict, load_settings
 from utils import checkpointing
 from utils.checkpointing import CheckpointError, entry_point
-from utils.config import ConfigError, section, to_container
-from utils.devices import (DEVICE_AXIS, device_note, enable_compilation_cache, make_mesh, maybe_initialize_distributed,
-                           use_every_core)
+from utils.config import ConfigError, require, section, to_container
+from utils.devices import (DEVICE_AXIS, device_note, enable_compilation_cache, initialize_distributed, make_mesh,
+                           same_on_every_process, to_host, use_every_core)
 from utils.logging import Console, MarlEvalJson, plot_learning_curve
 from utils.neptune_logger import NeptuneLogger, NeptuneMissingError, start_neptune
 
@@ -100,7 +100,10 @@ def make_envs(settings: Settings) -> tuple[MarlEnv, MarlEnv]:
 
 def prepare(settings: Settings, build_system: SystemBuilder) -> Setup:
     """Mesh, envs and the system for ``settings``."""
-    maybe_initialize_distributed(settings.arch.distributed)
+    if jax.process_count() > 1:  # every process must hold part of the mesh
+        require(settings.num_devices == jax.device_count(), "arch.num_devices", settings.arch.num_devices,
+                f"must be null or {jax.device_count()} (every device of the {jax.process_count()} processes) "
+                "in a multi-host run")
     mesh = make_mesh(settings.num_devices)
     env, eval_env = make_envs(settings)
     vec_env = AutoResetVecEnv(env, settings.envs_per_device, settings.arch.num_resets)
@@ -196,7 +199,7 @@ def make_evaluate(setup: Setup, settings: Settings) -> Callable[..., dict[str, n
         parts = []
         for repeat in range(episodes // size):
             key = jax.random.fold_in(jax.random.fold_in(base_key, index), repeat)
-            parts.append(jax.device_get(program(size)(params, jax.random.split(key, arch.num_seeds))))
+            parts.append(to_host(program(size)(params, jax.random.split(key, arch.num_seeds))))
         merged = EvalResult(*(np.concatenate([getattr(p, f) for p in parts], axis=-1) for f in EvalResult._fields))
         return summarise_eval(merged, setup.env.spec.has_win)
 
@@ -374,7 +377,7 @@ def train_chunk(state: Any, record: HostRecord, index: int, chunk: Callable, eva
     arch, system = settings.arch, setup.system
     start = time.perf_counter()
     state, metrics = chunk(state)
-    metrics = jax.device_get(metrics)
+    metrics = to_host(metrics)
     elapsed = time.perf_counter() - start
     params = stacked_eval_params(system, state)
     problem = non_finite(metrics, getattr(state, "params", params))
@@ -427,14 +430,18 @@ def run(
 ) -> RunResult:
     """Trains ``settings.arch.num_seeds`` seeds of a system and evaluates them (Mava's protocol)."""
     arch = settings.arch
+    if log is None and jax.process_index() != 0:  # one console per multi-host run: process 0's
+        log = lambda text: None  # noqa: E731
     console = Console(settings.total_steps, arch.num_evaluation, settings.logger.progress, settings.logger.log_every,
                       sink=log)
     say = console.print
     setup = prepare(settings, build_system)
+    if run_dir is not None:  # e.g. Hydra's folder, named from each process's clock
+        run_dir = same_on_every_process(run_dir)
     resume_point = find_resume_point(settings, run_dir, say)
     if resume_point is not None:
         run_dir = os.path.dirname(resume_point[0])  # a resumed run keeps writing its own folder
-    out = open_outputs(settings, build_system, run_dir or default_run_dir(settings), console,
+    out = open_outputs(settings, build_system, same_on_every_process(run_dir or default_run_dir(settings)), console,
                        setup.system.console_metrics)
     try:
         say(f"{settings.system.name} on {settings.env.name}/{settings.env.task}: {arch.num_seeds} seed(s), "
@@ -507,10 +514,16 @@ def run_from_config(cfg: Any, system_cls: type, build_system: SystemBuilder) -> 
 
 def prepare_process(cfg: Any) -> None:
     """What must happen before jax creates its devices: one CPU device per core unless the user
-    chose a count (``utils.devices.use_every_core``), and the persistent compilation cache."""
+    chose a count (``utils.devices.use_every_core``; a multi-host run leaves each process's devices
+    to XLA_FLAGS), the persistent compilation cache, and joining a multi-host run."""
     arch = section(ArchConfig, to_container(cfg).get("arch"), "arch")
-    use_every_core(arch.num_devices is not None, arch.sizes())
+    use_every_core(arch.num_devices is not None or arch.distributed, arch.sizes())
     enable_compilation_cache(arch.compilation_cache)
+    if arch.distributed:
+        try:
+            initialize_distributed(arch.coordinator_address, arch.num_processes, arch.process_id)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _hydra_run_dir() -> Optional[str]:

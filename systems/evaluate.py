@@ -96,7 +96,7 @@ def load_checkpoint(path: str, which: str = "latest", params: str = "final", epi
         arch["evaluation_greedy"] = greedy
     arch["num_absolute_metric_eval_episodes"] = arch["num_eval_episodes"]
     arch["num_devices"] = num_devices or dividing_count([arch["num_envs"], arch["num_eval_episodes"]], jax.device_count())
-    arch["distributed"] = False
+    arch.update(distributed=False, coordinator_address=None, num_processes=None, process_id=None)  # one process
     config["logger"].update(resume=False, neptune={**config["logger"]["neptune"], "enabled": False})
     try:
         settings = load_settings(config, system_cls)

@@ -69,9 +69,14 @@ def save_checkpoint(checkpointer: checkpointing.Checkpointer, index: int, state:
 
 
 
+# arch keys that do not change what is computed (the device count, which does, is compared on its own);
+# process_id and the coordinator differ between the processes of one multi-host run
+NOT_TRAINING = ("compilation_cache", "distributed", "coordinator_address", "num_processes", "process_id")
+
+
 def training_config(config: dict[str, Any], num_devices: int) -> dict[str, Any]:
     """The parts of a config that change what is computed (the logger section does not)."""
-    arch = {key: value for key, value in config["arch"].items() if key != "compilation_cache"}  # not training
+    arch = {key: value for key, value in config["arch"].items() if key not in NOT_TRAINING}
     return {"arch": arch, **{name: config[name] for name in ("env", "network", "system")}, "devices": num_devices}
 
 

@@ -26,7 +26,10 @@ class ArchConfig:
     absolute_metric: bool = True
     evaluation_greedy: bool = False
     num_devices: Optional[int] = None  # None: every device jax sees
-    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+    distributed: bool = False  # multi-host: jax.distributed.initialize() before jax starts (utils.devices)
+    coordinator_address: Optional[str] = None  # host:port of process 0; None: JAX_COORDINATOR_ADDRESS or the cluster's
+    num_processes: Optional[int] = None  # None: JAX_NUM_PROCESSES or the cluster's (SLURM, Open MPI, TPU pod, k8s)
+    process_id: Optional[int] = None  # this process, 0..num_processes-1; None: JAX_PROCESS_ID or the cluster's
     num_resets: Optional[int] = None  # fresh starts computed per step; None: num_envs/16 per device
     compilation_cache: Union[bool, str] = "auto"  # auto: a per-user folder | off | a folder path
 
@@ -39,6 +42,15 @@ class ArchConfig:
             positive(f"{prefix}.num_devices", self.num_devices)
         if self.num_resets is not None:
             positive(f"{prefix}.num_resets", self.num_resets)
+        if self.num_processes is not None:
+            positive(f"{prefix}.num_processes", self.num_processes)
+        if self.process_id is not None:
+            limit = f"0..{self.num_processes - 1}" if self.num_processes else "0 or more"
+            require(self.process_id >= 0 and (self.num_processes is None or self.process_id < self.num_processes),
+                    f"{prefix}.process_id", self.process_id, f"must be in {limit} (arch.num_processes={self.num_processes})")
+        for key in ("coordinator_address", "num_processes", "process_id"):
+            require(self.distributed or getattr(self, key) is None, f"{prefix}.{key}", getattr(self, key),
+                    "applies to multi-host runs only: add arch.distributed=true")
         require(self.compilation_cache is not True and bool(str(self.compilation_cache).strip()),
                 f"{prefix}.compilation_cache", self.compilation_cache, "must be auto, off (or false) or a folder path")
 

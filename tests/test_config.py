@@ -32,6 +32,9 @@ def test_defaults_are_valid_and_derive_sizes():
         (["arch.total_timesteps=100"], ["arch.total_timesteps", "100", "num_evaluation"]),
         (["system.clip_eps=abc"], ["system.clip_eps", "abc", "number"]),
         (["logger.algorithm_name=' '"], ["logger.algorithm_name", "non-empty"]),
+        (["arch.process_id=1"], ["arch.process_id", "1", "arch.distributed=true"]),
+        (["arch.distributed=true", "arch.num_processes=2", "arch.process_id=2"], ["arch.process_id", "2", "0..1"]),
+        (["arch.distributed=true", "arch.num_processes=0"], ["arch.num_processes", "0", "> 0"]),
     ],
 )
 def test_errors_name_key_value_and_allowed(overrides, needles):

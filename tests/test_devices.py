@@ -56,6 +56,15 @@ def test_too_late_once_jax_has_devices(monkeypatch):
     assert "XLA_FLAGS" not in os.environ
 
 
+def test_joining_a_multi_host_run_after_jax_started_is_a_clear_error():
+    import jax
+
+    jax.devices()
+    with pytest.raises(ValueError, match="arch.distributed=true: jax had already created its devices"):
+        devices.initialize_distributed("localhost:1", 2, 0)
+    assert devices.same_on_every_process("results/run") == "results/run"  # one process: unchanged
+
+
 def test_a_corrupt_cache_entry_is_compiled_again(tmp_path):
     import jax
     import jax.numpy as jnp

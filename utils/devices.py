@@ -99,10 +99,73 @@ def enable_compilation_cache(setting: Any) -> Optional[str]:
     return folder
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-    """Multi-host runs: ``jax.distributed.initialize()`` reads the cluster from the environment."""
-    if enabled and jax.process_count() == 1:
-        jax.distributed.initialize()
+def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+    """Joins a multi-host run: ``jax.distributed.initialize`` with each value from the argument, else
+    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``, else jax's cluster
+    detection (SLURM, Open MPI, Cloud TPU, Kubernetes). Must run before jax creates its devices;
+    afterwards ``jax.devices()`` lists every process's devices and the mesh spans them all.
+
+    Raises ``ValueError`` naming the keys when the cluster cannot be found or jax has already started.
+    """
+    if jax.distributed.is_initialized():
+        return
+    if _backends_started():
+        raise ValueError("arch.distributed=true: jax had already created its devices in this process; "
+                         "jax.distributed must be initialised first (systems.anakin.prepare_process does)")
+    env = os.environ
+    address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+    index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+    try:
+        jax.distributed.initialize(address, count, index)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"arch.distributed=true: could not join the multi-host run ({err}). Outside a detected cluster "
+            "give every process arch.coordinator_address=<host:port of process 0>, arch.num_processes=N and "
+            "its own arch.process_id=0..N-1 (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+        ) from err
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def to_host(tree: Any) -> Any:
+    """``jax.device_get`` that also works for arrays split over several processes' devices (each
+    process gets the whole value; a collective, so every process must call it)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
+
+
+def same_on_every_process(text: str, limit: int = 4096) -> str:
+    """Process 0's ``text`` on every process (e.g. a run folder named from the clock); unchanged in a
+    single-process run."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    data = text.encode()
+    if len(data) > limit:
+        raise ValueError(f"text of {len(data)} bytes to share between processes; at most {limit}")
+    buffer = np.zeros(limit + 1, np.uint8)  # zero-terminated
+    buffer[: len(data)] = np.frombuffer(data, np.uint8)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return bytes(shared[: int(np.argmax(shared == 0))]).decode()
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

@@ -1,0 +1,76 @@
+"""A multi-host run: two processes on localhost (one CPU device each, gloo collectives) joined by
+``jax.distributed`` train the same parameters as one process with two devices, write one run folder,
+one JSON and one set of checkpoints, and resume from them to the same parameters."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from helpers import small_settings
+from systems.anakin import run
+from systems.mappo_anakin import build as make_ppo_system
+from systems.ppo import PPOConfig
+from utils import checkpointing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = ["arch.num_envs=8", "system.rollout_length=16", "arch.total_timesteps=1024", "arch.num_seeds=2",
+             "arch.num_evaluation=2", "arch.num_eval_episodes=8", "arch.num_absolute_metric_eval_episodes=8",
+             "arch.absolute_metric=false", "logger.progress=false", "logger.plot=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def launch(run_dir: str, cache: str, extra: list[str] = ()) -> list[str]:
+    """Two processes of systems/mappo_anakin.py joined as one run; returns their outputs."""
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "systems", "mappo_anakin.py"), *OVERRIDES, *extra,
+         f"hydra.run.dir={run_dir}", f"logger.base_dir={os.path.dirname(run_dir)}", f"arch.compilation_cache={cache}",
+         "arch.distributed=true", f"arch.coordinator_address=localhost:{port}", "arch.num_processes=2",
+         f"arch.process_id={index}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        outputs.append(out)
+    return outputs
+
+
+def final_params(run_dir: str, like):
+    state, _, _ = checkpointing.restore(os.path.join(run_dir, "checkpoints"), 2, like)
+    return state.params
+
+
+def test_two_processes_train_like_one_process_with_two_devices_and_resume(tmp_path):
+    assert jax.device_count() == 2, "conftest sets two CPU devices"
+    one = run(small_settings("mappo", PPOConfig, OVERRIDES + ["arch.num_devices=2"], str(tmp_path / "one")),
+              make_ppo_system, run_dir=str(tmp_path / "one" / "run"), log=lambda _: None)
+
+    run_dir, cache = str(tmp_path / "multi" / "run"), str(tmp_path / "cache")
+    first, second = launch(run_dir, cache)
+    assert "2 device(s)" in first and "trained 2,048 steps" in first, first[-2000:]
+    assert "trained" not in second and "eval return" not in second, "only process 0 reports"
+    assert {"checkpoints", "metrics.json"} <= set(os.listdir(run_dir))
+    assert checkpointing.committed_steps(os.path.join(run_dir, "checkpoints")) == [1, 2]
+    for got, want in zip(jax.tree.leaves(final_params(run_dir, one.learner_state)),
+                         jax.tree.leaves(one.learner_state.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    # kill -9 after the first evaluation, as far as the files are concerned; both processes resume
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "2"))
+    first, _ = launch(run_dir, cache, ["logger.resume=true"])
+    assert "resuming from" in first, first[-2000:]
+    for got, want in zip(jax.tree.leaves(final_params(run_dir, one.learner_state)),
+                         jax.tree.leaves(one.learner_state.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

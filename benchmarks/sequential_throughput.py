@@ -6,8 +6,8 @@ process CPU (``lower().compile()``); then, after one warm-up call each, the syst
 timed round robin (so load changes hit all alike) and each reports the median of ``--repeats``.
 Steps/s counts joint env steps (rollout_length x num_envs per update). Every system uses the same
 rollout / epochs / minibatches / envs (``--common``, Mava's MAPPO layout by default) so the update
-scheme is the only difference; each keeps its own parameter-sharing default (mappo/coppo shared,
-happo/a2po separate) unless ``--sharing`` or ``name:shared``/``name:separate`` says otherwise.
+scheme is the only difference; each keeps its own parameter-sharing default (shared for mappo,
+coppo, happo and a2po since issue 14) unless ``--sharing`` or ``name:shared``/``name:separate`` says otherwise.
 
     python benchmarks/sequential_throughput.py                     # lbf 2 agents, connector 10 agents
     python benchmarks/sequential_throughput.py --quick --tasks connector:con-10x10x10a

@@ -11,7 +11,7 @@ import pytest
 
 from golden import runs
 
-FAST = {("mappo", "ff", "shared"), ("ippo", "ff", "separate"), ("a2po", "ff", "separate")}
+FAST = {("mappo", "ff", "shared"), ("a2po", "ff", "separate")}  # ippo-ff-separate: -m slow (a2po covers separate)
 # one-stage shared, joint separate, gather; the recurrent runs (and the rest) with -m slow
 
 

@@ -1,6 +1,6 @@
 """A multi-host run: two processes on localhost (one CPU device each, gloo collectives) joined by
 ``jax.distributed`` train the same parameters as one process with two devices, write one run folder,
-one JSON and one set of checkpoints, and resume from them to the same parameters."""
+one JSON and one set of checkpoints, and (``-m slow``) resume from them to the same parameters."""
 
 import os
 import shutil
@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from helpers import small_settings
 from systems.anakin import run
@@ -52,25 +53,43 @@ def final_params(run_dir: str, like):
     return state.params
 
 
-def test_two_processes_train_like_one_process_with_two_devices_and_resume(tmp_path):
+def one_process_with_two_devices(tmp_path):
+    """The reference run; its two devices hold identical parameters and half of the envs each."""
     assert jax.device_count() == 2, "conftest sets two CPU devices"
     one = run(small_settings("mappo", PPOConfig, OVERRIDES + ["arch.num_devices=2"], str(tmp_path / "one")),
               make_ppo_system, run_dir=str(tmp_path / "one" / "run"), log=lambda _: None)
+    for leaf in jax.tree.leaves(one.learner_state.params):
+        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+        assert len(shards) == 2
+        np.testing.assert_array_equal(shards[0], shards[1])
+    assert one.learner_state.timestep.observation.agents_view.addressable_shards[0].data.shape[1] == 4
+    return one
 
-    run_dir, cache = str(tmp_path / "multi" / "run"), str(tmp_path / "cache")
-    first, second = launch(run_dir, cache)
+
+def assert_same_params(run_dir, one):
+    for got, want in zip(jax.tree.leaves(final_params(run_dir, one.learner_state)),
+                         jax.tree.leaves(one.learner_state.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
+    one = one_process_with_two_devices(tmp_path)
+    run_dir = str(tmp_path / "multi" / "run")
+    first, second = launch(run_dir, "off")
     assert "2 device(s)" in first and "trained 2,048 steps" in first, first[-2000:]
     assert "trained" not in second and "eval return" not in second, "only process 0 reports"
     assert {"checkpoints", "metrics.json"} <= set(os.listdir(run_dir))
     assert checkpointing.committed_steps(os.path.join(run_dir, "checkpoints")) == [1, 2]
-    for got, want in zip(jax.tree.leaves(final_params(run_dir, one.learner_state)),
-                         jax.tree.leaves(one.learner_state.params)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_params(run_dir, one)
 
+
+@pytest.mark.slow  # 2 more launches (~45 s); resume itself is covered in one process by test_run_management
+def test_two_processes_resume_a_killed_run_bit_for_bit(tmp_path):
+    one = one_process_with_two_devices(tmp_path)
+    run_dir, cache = str(tmp_path / "multi" / "run"), str(tmp_path / "cache")
+    launch(run_dir, cache)
     # kill -9 after the first evaluation, as far as the files are concerned; both processes resume
     shutil.rmtree(os.path.join(run_dir, "checkpoints", "2"))
     first, _ = launch(run_dir, cache, ["logger.resume=true"])
     assert "resuming from" in first, first[-2000:]
-    for got, want in zip(jax.tree.leaves(final_params(run_dir, one.learner_state)),
-                         jax.tree.leaves(one.learner_state.params)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_params(run_dir, one)

@@ -93,6 +93,7 @@ def test_stored_hidden_states_reproduce_rollout_log_probs(tmp_results):
     assert float(np.max(metrics["clip_fraction"])) == 0.0
 
 
+@pytest.mark.slow  # a 60 s learning run; the recurrent paths are checked exactly by the tests above
 def test_recurrent_mappo_improves_on_smax_3m(tmp_results):
     from systems.anakin import run
 

@@ -33,7 +33,10 @@ def updated(plan, sharing, tmp, updates=1):
     return before, after, metrics
 
 
-@pytest.mark.parametrize("sharing,capacity", [("shared", None), ("separate", 2)])
+@pytest.mark.parametrize("sharing,capacity", [
+    pytest.param("shared", None, marks=pytest.mark.slow),  # 17 s; the separate case below has the capacity gather too
+    ("separate", 2),
+])
 def test_an_empty_stage_is_an_exact_no_op(tmp_results, sharing, capacity):
     """Every agent in stage 0; running L = 2 stages (stage 1 empty) must equal running L = 1, for
     parameters and every optimiser-state leaf (no Adam step, no momentum on zero gradients)."""

@@ -44,6 +44,7 @@ def test_each_env_family_trains(tmp_results, config, env, task, sharing):
     assert np.all(np.isfinite(result.eval_returns))
 
 
+@pytest.mark.slow  # the same checks run on tests/test_multihost.py's one-process reference
 def test_two_devices_keep_identical_parameters(tmp_results):
     assert jax.device_count() == 2, "conftest sets two CPU devices"
     result = train("mappo", ["arch.num_envs=8", "system.rollout_length=16", "arch.total_timesteps=512",

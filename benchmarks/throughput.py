@@ -8,6 +8,8 @@ measured separately and excluded from steps/s. Medians over repeats.
     python benchmarks/throughput.py            # full table (about 35 minutes on 2 CPU cores)
     python benchmarks/throughput.py --quick    # 128 envs only, fewer repeats
     python benchmarks/throughput.py --tasks smax/3m --envs 256 --devices 1
+    python benchmarks/throughput.py --tasks smax/3m smax/2s3z rware/tiny-2ag --envs 64 128 --devices 1 \
+        --networks ff rnn --name throughput_rnn   # recurrent rows next to feed-forward ones
 
 Tasks: rware tiny-2ag, lbf 8x8-2p-2f-coop, con-5x5x3a at 128/512/1024 envs; with the jaxmarl extra
 also smax 3m, 2s3z and mpe simple_spread_3ag (continuous) at the smallest and largest env count.
@@ -26,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Optional
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 
@@ -134,20 +137,31 @@ def env_only_throughput(settings, repeats: int) -> float:
     return steps * settings.arch.num_envs / statistics.median(times[1:])
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], all_rows: Optional[list[dict]] = None, networks: Optional[bool] = None) -> str:
+    """The table; with recurrent rows a ``network`` column and mappo's steps/s relative to the
+    feed-forward row of the same task, envs and devices (from ``all_rows``, default ``rows``)."""
+    all_rows = rows if all_rows is None else all_rows
+    if networks is None:
+        networks = any(r.get("network", "ff") != "ff" for r in all_rows)
+    head = "| env/task | envs | devices |" + (" network |" if networks else "")
     lines = [
-        "| env/task | envs | devices | env-only steps/s | ippo steps/s | mappo steps/s | mappo / env-only "
-        "| mappo / Mava | compile ippo, mappo (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        head + " env-only steps/s | ippo steps/s | mappo steps/s | mappo / env-only "
+        "| mappo / Mava |" + (" mappo / ff mappo |" if networks else "") + " compile ippo, mappo (s) |",
+        "|---|---:|---:|" + ("---|" if networks else "") + "---:|---:|---:|---:|---:|" + ("---:|" if networks else "") + "---:|",
     ]
     for r in rows:
-        mava = MAVA_REFERENCE.get((r["env"], r["devices"]))
+        network = r.get("network", "ff")
+        mava = MAVA_REFERENCE.get((r["env"], r["devices"])) if network == "ff" else None
         ratio = f"{r['mappo']['steps_per_second'] / mava:.2f}x" if mava else "-"
+        ff = next((f for f in all_rows if f.get("network", "ff") == "ff" and
+                   (f["env"], f["task"], f["num_envs"], f["devices"]) == (r["env"], r["task"], r["num_envs"], r["devices"])), None)
+        vs_ff = f"{r['mappo']['steps_per_second'] / ff['mappo']['steps_per_second']:.2f}x" if ff else "-"
         lines.append(
-            f"| {r['env']}/{r['task']} | {r['num_envs']} | {r['devices']} | {r['env_only']:,.0f} | "
+            f"| {r['env']}/{r['task']} | {r['num_envs']} | {r['devices']} | " + (f"{network} | " if networks else "")
+            + f"{r['env_only']:,.0f} | "
             f"{r['ippo']['steps_per_second']:,.0f} | {r['mappo']['steps_per_second']:,.0f} | "
-            f"{r['mappo']['steps_per_second'] / r['env_only']:.2f} | {ratio} | "
-            f"{r['ippo']['compile_seconds']:.1f}, {r['mappo']['compile_seconds']:.1f} |"
+            f"{r['mappo']['steps_per_second'] / r['env_only']:.2f} | {ratio} | " + (f"{vs_ff} | " if networks else "")
+            + f"{r['ippo']['compile_seconds']:.1f}, {r['mappo']['compile_seconds']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -161,6 +175,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=None,
                         help="env/task pairs such as smax/3m (default: the Jumanji three, then the JaxMARL "
                              "three where jaxmarl is installed; these at the smallest and largest env count)")
+    parser.add_argument("--networks", nargs="*", default=["ff"], choices=["ff", "rnn"],
+                        help="network kinds: ff (MLP 128x128), rnn (Mava's GRU layout: 128 -> GRU 128 -> 128)")
+    parser.add_argument("--name", default="throughput", help="output file name (results/<name>.{json,md})")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     env_counts = args.envs or ([128] if args.quick else [128, 512, 1024])
@@ -179,27 +196,31 @@ def main() -> None:
         for num_envs in sizes:
             for devices in device_counts:
                 updates = max(1, 512 // num_envs)  # about 64k-128k env steps per timed call
-                row = {"env": env, "task": task, "num_envs": num_envs, "devices": devices}
-                for system in ("ippo", "mappo"):
-                    settings = settings_for(system, env, task, num_envs, devices, updates)
-                    row[system] = training_throughput(settings, repeats)
-                row["env_only"] = env_only_throughput(settings, repeats)
-                rows.append(row)
-                print(markdown([row]).splitlines()[-1], flush=True)
+                env_only = None
+                for network in args.networks:
+                    row = {"env": env, "task": task, "num_envs": num_envs, "devices": devices, "network": network}
+                    for system in ("ippo", "mappo"):
+                        settings = settings_for(system, env, task, num_envs, devices, updates, (f"network={'mlp' if network == 'ff' else 'rnn'}",))
+                        row[system] = training_throughput(settings, repeats)
+                    env_only = env_only if env_only is not None else env_only_throughput(settings, repeats)
+                    row["env_only"] = env_only
+                    rows.append(row)
+                    print(markdown([row], rows, args.networks != ["ff"]).splitlines()[-1], flush=True)
 
-    table = markdown(rows)
+    table = markdown(rows, networks=args.networks != ["ff"])
     shown = [a for i, a in enumerate(sys.argv[1:]) if not (a == "--out" or sys.argv[i] == "--out")]
     command = " ".join(["python benchmarks/throughput.py", *shown])
     meta = {"command": command, "jax": jax.__version__, "backend": jax.default_backend(),
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "repeats": repeats,
             "mava_reference": {f"{k[0]}@{k[1]}dev": v for k, v in MAVA_REFERENCE.items()}}
     os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "throughput.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    atomic_write_text(os.path.join(args.out, f"{args.name}.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
     atomic_write_text(
-        os.path.join(args.out, "throughput.md"),
+        os.path.join(args.out, f"{args.name}.md"),
         f"# Training throughput\n\nCommand: `{command}` (jax {jax.__version__}, {jax.default_backend()}, "
         f"{os.cpu_count()} cores). Joint env steps/s per run, compile excluded, median of {repeats} "
-        "repeats. Hyperparameters: Mava's ff_mappo (rollout 128, 4 epochs, 2 minibatches, MLP 128x128). "
+        "repeats. Hyperparameters: Mava's ff_mappo (rollout 128, 4 epochs, 2 minibatches, MLP 128x128; "
+        "network=rnn: 128 -> GRU 128 -> 128, recurrent training over the whole rollout). "
         "'mappo / Mava' divides by Mava's ff_mappo measured on this machine at the same device count "
         "(rware 10.9k / 18.2k, lbf 18k / 26.7k steps/s on 1 / 2 devices; flat from 16 to 512 envs).\n\n"
         + table + "\n",

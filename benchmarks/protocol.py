@@ -42,6 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import envs  # noqa: E402
+from benchmarks import report  # noqa: E402
+from utils import plots  # noqa: E402
 from utils.checkpointing import committed_steps  # noqa: E402
 from utils.logging import atomic_write_text  # noqa: E402
 
@@ -152,25 +154,24 @@ def command(out: str, job: Job, preset: Preset, extra: Sequence[str], status: st
     return args
 
 
-def absolute_of(out: str, job: Job) -> Optional[str]:
-    """``mean ± std`` of the job's absolute metric (return, and win rate where there is one) from the JSON."""
+def read_results(out: str) -> dict[str, Any]:
+    """The sweep's marl-eval JSON (``{}`` before the first run wrote it)."""
     path = os.path.join(out, "results.json")
     if not os.path.exists(path):
-        return None
+        return {}
     with open(path) as f:
-        data = json.load(f)
-    algorithms = data.get(job.env, {}).get(job.task, {})
-    names = [a for a in algorithms if f"_{job.system}_" in f"_{a}_"]
-    if not names:
-        return None
+        return json.load(f)
+
+
+def absolute_of(results: dict[str, Any], job: Job) -> Optional[str]:
+    """``mean ± std`` (over seeds, as in report.md) of the absolute return of each of the job's
+    algorithm names in ``results``."""
+    algorithms = results.get(job.env, {}).get(job.task, {})
     parts = []
-    for name in sorted(names):
-        seeds = algorithms[name].values()
-        returns = [s["absolute_metrics"]["mean_episode_return"][0] for s in seeds if "absolute_metrics" in s]
-        if returns:
-            mean = sum(returns) / len(returns)
-            std = (sum((r - mean) ** 2 for r in returns) / len(returns)) ** 0.5
-            parts.append(f"{name} {mean:.3f} ± {std:.3f} ({len(returns)} seeds)")
+    for name in sorted(a for a in algorithms if f"_{job.system}_" in f"_{a}_"):
+        returns = plots.absolute(results, job.env, job.task, name, "mean_episode_return")
+        if returns.size:
+            parts.append(f"{name} {report.mean_std(returns)} ({returns.size} seeds)")
     return "; ".join(parts) or None
 
 
@@ -181,12 +182,12 @@ def run_job(out: str, job: Job, preset: Preset, extra: Sequence[str], status: st
         shutil.rmtree(folder)  # a start killed before its first checkpoint: nothing to keep
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     log_path = os.path.join(out, "logs", f"{job.name}.log")
+    args = command(out, job, preset, extra, status)
     start = time.perf_counter()
     with open(log_path, "a") as log:
-        log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {status}: {' '.join(command(out, job, preset, extra, status))}\n")
+        log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {status}: {' '.join(args)}\n")
         log.flush()
-        proc = subprocess.Popen(command(out, job, preset, extra, status), cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log.write(line)
             if verbose:
@@ -201,7 +202,7 @@ def run_job(out: str, job: Job, preset: Preset, extra: Sequence[str], status: st
 
 
 def write_summary(out: str, jobs: Sequence[Job], preset_name: str, preset: Preset, extra: Sequence[str]) -> str:
-    rows = []
+    rows, results = [], read_results(out)
     for job in jobs:
         status = job_status(out, job)
         seconds = "-"
@@ -209,7 +210,7 @@ def write_summary(out: str, jobs: Sequence[Job], preset_name: str, preset: Prese
         if status == "done":
             with open(marker) as f:
                 seconds = f"{json.load(f)['seconds']:.0f}"
-        rows.append(f"| {job.system} | {job.env}/{job.task} | {status} | {seconds} | {absolute_of(out, job) or '-'} |")
+        rows.append(f"| {job.system} | {job.env}/{job.task} | {status} | {seconds} | {absolute_of(results, job) or '-'} |")
     text = "\n".join([
         f"# Protocol sweep: preset `{preset_name}`", "",
         f"{preset.note}: {preset.total_timesteps:,} steps, {preset.num_evaluation} evaluations x "
@@ -269,7 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"[{count}/{len(todo)}] {job.system} on {job.env}/{job.task} ({status}) ...", flush=True)
         code, seconds = run_job(out, job, preset, args.extra, status, args.verbose)
         if code == 0:
-            print(f"    done in {seconds:.0f}s: absolute {absolute_of(out, job)}", flush=True)
+            print(f"    done in {seconds:.0f}s: absolute {absolute_of(read_results(out), job)}", flush=True)
         else:
             failed += 1
             print(f"    failed (exit {code}) after {seconds:.0f}s; see {os.path.join(out, 'logs', job.name + '.log')}; "
@@ -277,8 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = write_summary(out, jobs, args.preset, preset, args.extra)
     print(f"summary: {summary}")
     if args.report:
-        subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "report.py"), os.path.join(out, "results.json"),
-                        *args.compare, "--out", os.path.join(out, "report")], cwd=ROOT, check=True)
+        report.main([os.path.join(out, "results.json"), *args.compare, "--out", os.path.join(out, "report")])
         print(f"report: {os.path.join(out, 'report', 'report.md')}")
     return 1 if failed else 0
 

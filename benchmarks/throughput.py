@@ -137,12 +137,10 @@ def env_only_throughput(settings, repeats: int) -> float:
     return steps * settings.arch.num_envs / statistics.median(times[1:])
 
 
-def markdown(rows: list[dict], all_rows: Optional[list[dict]] = None, networks: Optional[bool] = None) -> str:
-    """The table; with recurrent rows a ``network`` column and mappo's steps/s relative to the
-    feed-forward row of the same task, envs and devices (from ``all_rows``, default ``rows``)."""
+def markdown(rows: list[dict], networks: bool = False, all_rows: Optional[list[dict]] = None) -> str:
+    """The table; with ``networks`` a network column and mappo's steps/s relative to the
+    feed-forward row of the same task, envs and devices (found in ``all_rows``, default ``rows``)."""
     all_rows = rows if all_rows is None else all_rows
-    if networks is None:
-        networks = any(r.get("network", "ff") != "ff" for r in all_rows)
     head = "| env/task | envs | devices |" + (" network |" if networks else "")
     lines = [
         head + " env-only steps/s | ippo steps/s | mappo steps/s | mappo / env-only "
@@ -205,9 +203,9 @@ def main() -> None:
                     env_only = env_only if env_only is not None else env_only_throughput(settings, repeats)
                     row["env_only"] = env_only
                     rows.append(row)
-                    print(markdown([row], rows, args.networks != ["ff"]).splitlines()[-1], flush=True)
+                    print(markdown([row], args.networks != ["ff"], rows).splitlines()[-1], flush=True)
 
-    table = markdown(rows, networks=args.networks != ["ff"])
+    table = markdown(rows, args.networks != ["ff"])
     shown = [a for i, a in enumerate(sys.argv[1:]) if not (a == "--out" or sys.argv[i] == "--out")]
     command = " ".join(["python benchmarks/throughput.py", *shown])
     meta = {"command": command, "jax": jax.__version__, "backend": jax.default_backend(),

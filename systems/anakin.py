@@ -43,7 +43,7 @@ from systems.resume import Evaluation, HostRecord, find_resume_point, restore_ru
 from systems.settings import ArchConfig, Settings, config_dict, load_settings
 from utils import checkpointing
 from utils.checkpointing import CheckpointError, entry_point
-from utils.config import ConfigError, require, section, to_container
+from utils.config import ConfigError, section, to_container
 from utils.devices import (DEVICE_AXIS, device_note, enable_compilation_cache, initialize_distributed, make_mesh,
                            same_on_every_process, to_host, use_every_core)
 from utils.logging import Console, MarlEvalJson, plot_learning_curve
@@ -100,10 +100,6 @@ def make_envs(settings: Settings) -> tuple[MarlEnv, MarlEnv]:
 
 def prepare(settings: Settings, build_system: SystemBuilder) -> Setup:
     """Mesh, envs and the system for ``settings``."""
-    if jax.process_count() > 1:  # every process must hold part of the mesh
-        require(settings.num_devices == jax.device_count(), "arch.num_devices", settings.arch.num_devices,
-                f"must be null or {jax.device_count()} (every device of the {jax.process_count()} processes) "
-                "in a multi-host run")
     mesh = make_mesh(settings.num_devices)
     env, eval_env = make_envs(settings)
     vec_env = AutoResetVecEnv(env, settings.envs_per_device, settings.arch.num_resets)
@@ -441,7 +437,7 @@ def run(
     resume_point = find_resume_point(settings, run_dir, say)
     if resume_point is not None:
         run_dir = os.path.dirname(resume_point[0])  # a resumed run keeps writing its own folder
-    out = open_outputs(settings, build_system, same_on_every_process(run_dir or default_run_dir(settings)), console,
+    out = open_outputs(settings, build_system, run_dir or same_on_every_process(default_run_dir(settings)), console,
                        setup.system.console_metrics)
     try:
         say(f"{settings.system.name} on {settings.env.name}/{settings.env.task}: {arch.num_seeds} seed(s), "

@@ -222,13 +222,16 @@ def load_settings(cfg: Any, system_cls: type, available_devices: Optional[int] =
     if env.task not in valid_tasks:
         fail("env.task", env.task, f"must be a task of env.name={env.name!r}: {valid_tasks}")
 
+    processes = 1
     if available_devices is None:
         import jax
 
-        available_devices = jax.device_count()
+        available_devices, processes = jax.device_count(), jax.process_count()
     num_devices = arch.num_devices or available_devices
     require(num_devices <= available_devices, "arch.num_devices", arch.num_devices,
             f"only {available_devices} devices are available")
+    require(processes == 1 or num_devices == available_devices, "arch.num_devices", arch.num_devices,
+            f"must be null or {available_devices} (every device of the {processes} processes) in a multi-host run")
     require(arch.num_envs % num_devices == 0, "arch.num_envs", arch.num_envs,
             f"must be divisible by the number of devices ({num_devices})")
     require(arch.num_eval_episodes % num_devices == 0, "arch.num_eval_episodes", arch.num_eval_episodes,

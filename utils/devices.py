@@ -113,8 +113,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
     if _backends_started():
         raise ValueError("arch.distributed=true: jax had already created its devices in this process; "
                          "jax.distributed must be initialised first (systems.anakin.prepare_process does)")
-    env = os.environ
-    address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
     count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
     index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
     try:

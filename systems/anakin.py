@@ -41,6 +41,7 @@ from systems.contract import System, SystemBuilder, needs_global_state, stacked_
 from systems.evaluation import EvalResult, make_evaluator
 from systems.resume import Evaluation, HostRecord, find_resume_point, restore_run, save_checkpoint
 from systems.settings import ArchConfig, Settings, config_dict, load_settings
+from systems.sweep import best_summary, ranking, run_values, with_values
 from utils import checkpointing
 from utils.checkpointing import CheckpointError, entry_point
 from utils.config import ConfigError, section, to_container
@@ -65,6 +66,7 @@ class Setup(NamedTuple):
     eval_env: MarlEnv
     vec_env: AutoResetVecEnv
     system: System
+    rebuild: Callable[[Any], System]  # the system around another system config (a sweep's traced values)
 
 
 @dataclasses.dataclass
@@ -103,7 +105,11 @@ def prepare(settings: Settings, build_system: SystemBuilder) -> Setup:
     mesh = make_mesh(settings.num_devices)
     env, eval_env = make_envs(settings)
     vec_env = AutoResetVecEnv(env, settings.envs_per_device, settings.arch.num_resets)
-    return Setup(mesh, env, eval_env, vec_env, build_system(settings, env.spec, vec_env))
+
+    def rebuild(system_config: Any) -> System:
+        return build_system(dataclasses.replace(settings, system=system_config), env.spec, vec_env)
+
+    return Setup(mesh, env, eval_env, vec_env, build_system(settings, env.spec, vec_env), rebuild)
 
 
 def state_specs(state: Any, env_fields: tuple[str, ...]) -> Any:
@@ -116,8 +122,9 @@ def state_specs(state: Any, env_fields: tuple[str, ...]) -> Any:
 
 
 def init_learner_states(system: System, env: MarlEnv, settings: Settings) -> Any:
-    """Per-seed learner states (leading axis S); seed s uses PRNGKey(arch.seed + s)."""
-    seeds = jnp.arange(settings.arch.num_seeds) + settings.arch.seed
+    """Per-run learner states (leading axis S = ``settings.num_runs``); seed s uses PRNGKey(arch.seed + s),
+    in every combination of a sweep."""
+    seeds = jnp.asarray(settings.run_seeds)
 
     def init_one(seed: Array) -> Any:
         key, env_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -139,27 +146,48 @@ def initial_state(setup: Setup, settings: Settings) -> Any:
     return shard_state(state, setup.mesh, setup.system.env_fields)
 
 
-def make_update_chunk(system: System, settings: Settings, mesh: Any, example_state: Any) -> Callable:
-    """jit(shard_map(scan over updates of vmap over seeds)). Donates the input state."""
+def make_update_chunk(system: System, settings: Settings, mesh: Any, example_state: Any,
+                      rebuild: Optional[Callable[[Any], System]] = None) -> Callable:
+    """jit(shard_map(scan over updates of vmap over seeds)): ``state -> (state, metrics)``. Donates the
+    input state.
 
-    def chunk(state: Any) -> tuple[Any, dict[str, Array]]:
+    With a sweep (``settings.sweep``) the chunk is ``(state, values) -> (state, metrics)``: ``values``
+    holds each swept key's value per run (``systems.sweep.run_values``), vmapped with the state, and
+    every update runs the system that ``rebuild`` makes around the config holding those traced values.
+    """
+
+    def swept_step(state: Any, values: dict[str, Array]) -> tuple[Any, dict[str, Array]]:
+        return rebuild(with_values(settings.system, values)).update_step(state)
+
+    def chunk(state: Any, values: Optional[dict[str, Array]] = None) -> tuple[Any, dict[str, Array]]:
         def one_update(state: Any, _: None) -> tuple[Any, dict[str, Array]]:
-            return jax.vmap(system.update_step)(state)
+            if values is None:
+                return jax.vmap(system.update_step)(state)
+            return jax.vmap(swept_step)(state, values)
 
         return jax.lax.scan(one_update, state, None, length=settings.num_updates_per_eval)
 
+    if settings.sweep and rebuild is None:
+        raise ValueError("a sweep's update chunk needs rebuild: the system around a config with traced values")
     specs = state_specs(example_state, system.env_fields)
+    in_specs = (specs, P()) if settings.sweep else (specs,)
     # check_vma=False: third-party env code (jumanji) scans with constant carries that vma typing
     # rejects. Replicated outputs stay identical because every gradient is pmean-ed (tested).
-    sharded = jax.shard_map(chunk, mesh=mesh, in_specs=(specs,), out_specs=(specs, P()), check_vma=False)
+    sharded = jax.shard_map(chunk, mesh=mesh, in_specs=in_specs, out_specs=(specs, P()), check_vma=False)
     return jax.jit(sharded, donate_argnums=0)
 
 
-def compile_update_chunk(system: System, settings: Settings, mesh: Any, state: Any) -> tuple[Callable, float]:
-    """The compiled chunk ``state -> (state, metrics (U, S))`` and the seconds compiling took."""
+def compile_update_chunk(system: System, settings: Settings, mesh: Any, state: Any,
+                         rebuild: Optional[Callable[[Any], System]] = None) -> tuple[Callable, float]:
+    """The compiled chunk ``state -> (state, metrics (U, S))`` and the seconds compiling took (a
+    sweep's values are bound as the chunk's second argument: arrays, not constants)."""
     start = time.perf_counter()
-    compiled = make_update_chunk(system, settings, mesh, state).lower(state).compile()
-    return compiled, time.perf_counter() - start
+    chunk = make_update_chunk(system, settings, mesh, state, rebuild)
+    if not settings.sweep:
+        return chunk.lower(state).compile(), time.perf_counter() - start
+    values = jax.device_put(run_values(settings.sweep, settings.system, settings.arch.num_seeds), NamedSharding(mesh, P()))
+    compiled = chunk.lower(state, values).compile()
+    return (lambda state: compiled(state, values)), time.perf_counter() - start
 
 
 def summarise_eval(result: EvalResult, has_win: bool) -> dict[str, np.ndarray]:
@@ -195,7 +223,8 @@ def make_evaluate(setup: Setup, settings: Settings) -> Callable[..., dict[str, n
         parts = []
         for repeat in range(episodes // size):
             key = jax.random.fold_in(jax.random.fold_in(base_key, index), repeat)
-            parts.append(to_host(program(size)(params, jax.random.split(key, arch.num_seeds))))
+            keys = jnp.tile(jax.random.split(key, arch.num_seeds), (settings.sweep.size, 1))  # seed s: one key
+            parts.append(to_host(program(size)(params, keys)))
         merged = EvalResult(*(np.concatenate([getattr(p, f) for p in parts], axis=-1) for f in EvalResult._fields))
         return summarise_eval(merged, setup.env.spec.has_win)
 
@@ -289,14 +318,22 @@ class Reporter:
         own = "".join(f"  {label} {train[name]:.2f}" for label, name in self.console_metrics if name in train)
         summary = (f"step {evaluation.step:>11,}  eval return {np.mean(ret):8.3f}{spread}{win}  "
                    f"train return {train.get('episode_return', float('nan')):8.3f}{own}  {sps:10,.0f} steps/s")
+        best = best_summary(ranking(self.settings.sweep, self.settings.arch.num_seeds, ret)) if self.settings.sweep else ""
         self.console.evaluation(evaluation.index, evaluation.step, summary,
-                                f"return {np.mean(ret):.3f}{win}  {sps:,.0f} steps/s")
+                                f"return {np.mean(ret):.3f}{win}  {sps:,.0f} steps/s", best)
 
     def absolute(self, metrics: dict[str, np.ndarray], episodes: int) -> None:
         self.results.add_absolute(metrics)
         win = f", win {np.mean(metrics['win_rate']):.1f}%" if "win_rate" in metrics else ""
         self.say(f"absolute metric (best parameters, {episodes} episodes per seed): "
                  f"return {np.mean(metrics['mean_episode_return']):.3f}{win}")
+        if self.settings.sweep:
+            rows = ranking(self.settings.sweep, self.settings.arch.num_seeds, metrics["mean_episode_return"])
+            width = max(len(label) for label, _, _ in rows)
+            self.say("absolute metric per combination, best first (mean ± std over seeds):")
+            for label, mean, std in rows:
+                spread = f" ±{std:.3f}" if self.settings.arch.num_seeds > 1 else ""
+                self.say(f"  {label:<{width}}  {mean:8.3f}{spread}")
         self.neptune.set_values("absolute", {name: float(np.mean(v)) for name, v in metrics.items()})
 
     def _neptune(self, evaluation: Evaluation, train: dict[str, float]) -> None:
@@ -304,8 +341,9 @@ class Reporter:
             return
         means = {name: float(np.mean(v)) for name, v in evaluation.metrics.items()}
         self.neptune.log_metrics("eval", means, evaluation.step)
-        for i, value in enumerate(evaluation.metrics["mean_episode_return"]):
-            self.neptune.log_metrics(f"eval/seed_{self.settings.arch.seed + i}",
+        labels = [label[len(self.settings.algorithm_label):] for label in self.settings.run_labels]
+        for i, (value, seed) in enumerate(zip(evaluation.metrics["mean_episode_return"], self.settings.run_seeds)):
+            self.neptune.log_metrics(f"eval/{labels[i] + '/' if labels[i] else ''}seed_{seed}",
                                      {"mean_episode_return": float(value)}, evaluation.step)
         if train:
             self.neptune.log_metrics("train", train, evaluation.step)
@@ -314,6 +352,15 @@ class Reporter:
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
+def sweep_note(settings: Settings) -> str:
+    """`` x 4 combinations of actor_lr (12 runs in one program)`` in a sweep; else empty."""
+    sweep = settings.sweep
+    if not sweep:
+        return ""
+    return (f" x {sweep.size} combination(s) of {', '.join(sweep.keys)} "
+            f"({settings.num_runs} runs in one program)")
+
+
 def default_run_dir(settings: Settings) -> str:
     return os.path.join(settings.logger.base_dir, f"{settings.system.name}_{settings.env.name}_{settings.env.task}"
                         f"_s{settings.arch.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
@@ -336,9 +383,9 @@ def open_outputs(settings: Settings, build_system: SystemBuilder, run_dir: str, 
     arch, logcfg, say = settings.arch, settings.logger, console.print
     primary = jax.process_index() == 0
     os.makedirs(run_dir, exist_ok=True)
-    seeds = list(range(arch.seed, arch.seed + arch.num_seeds))
+    seeds = settings.run_seeds
     results = MarlEvalJson(logcfg.json_path or os.path.join(run_dir, "metrics.json"),
-                           settings.env.name, settings.env.task, settings.algorithm_label, seeds)
+                           settings.env.name, settings.env.task, settings.run_labels, seeds)
     neptune = start_neptune(logcfg.neptune, os.path.basename(os.path.normpath(run_dir)), config_dict(settings),
                             warn=lambda text: say(f"warning: {text}"), say=say) if primary else NeptuneLogger(None, "off", say)
     checkpoint_dir = os.path.join(run_dir, "checkpoints") if logcfg.checkpoint.enabled else None
@@ -346,7 +393,8 @@ def open_outputs(settings: Settings, build_system: SystemBuilder, run_dir: str, 
                     if checkpoint_dir else None)
     meta = {"config": config_dict(settings), "num_devices": settings.num_devices,
             "system_config": entry_point(type(settings.system)), "build_system": entry_point(build_system),
-            "seeds": seeds, "num_evaluation": arch.num_evaluation}
+            "seeds": seeds, "num_evaluation": arch.num_evaluation,
+            **({"runs": settings.run_labels} if settings.sweep else {})}
     reporter = Reporter(settings, console, say, results, neptune, primary, system_console)
     return Outputs(run_dir, results, neptune, reporter,
                    checkpointer, checkpoint_dir, meta)
@@ -381,7 +429,8 @@ def train_chunk(state: Any, record: HostRecord, index: int, chunk: Callable, eva
         raise NonFiniteError(non_finite_message(problem, index, settings, last_checkpoint, out.results.path))
     step = index * settings.steps_per_chunk
     evaluation = Evaluation(index, step, record.train_seconds + elapsed, evaluate(params, index))
-    evaluation.metrics["steps_per_second"] = np.full(arch.num_seeds, settings.steps_per_chunk * arch.num_seeds / elapsed)
+    runs = settings.num_runs
+    evaluation.metrics["steps_per_second"] = np.full(runs, settings.steps_per_chunk * runs / elapsed)
     record = improve_best(record, params, evaluation.metrics["mean_episode_return"])
     record = dataclasses.replace(record, evaluations=record.evaluations + [evaluation], train_seconds=evaluation.elapsed)
     out.reporter.evaluation(evaluation, train_summary(metrics))
@@ -410,10 +459,11 @@ def finish(record: HostRecord, evaluate: Callable, setup: Setup, settings: Setti
     if settings.logger.plot and primary:
         plot_path = os.path.join(out.run_dir, "learning_curve.png")
         plot_learning_curve(plot_path, steps, returns, f"{settings.system.name} {settings.env.name}/{settings.env.task}",
-                            wins, None if absolute is None else absolute["mean_episode_return"])
+                            wins, None if absolute is None else absolute["mean_episode_return"],
+                            [label[len(settings.algorithm_label):] for label in settings.run_labels] if settings.sweep else None)
         out.neptune.upload("results/learning_curve", plot_path)
     out.neptune.upload("results/metrics_json", out.results.path)
-    say(f"trained {settings.total_steps * arch.num_seeds:,} steps in {record.train_seconds:.1f}s "
+    say(f"trained {settings.total_steps * settings.num_runs:,} steps in {record.train_seconds:.1f}s "
         f"(+{compile_seconds:.1f}s compile); results in {out.run_dir}")
     return absolute, steps, returns, wins
 
@@ -440,11 +490,12 @@ def run(
     out = open_outputs(settings, build_system, run_dir or same_on_every_process(default_run_dir(settings)), console,
                        setup.system.console_metrics)
     try:
-        say(f"{settings.system.name} on {settings.env.name}/{settings.env.task}: {arch.num_seeds} seed(s), "
+        say(f"{settings.system.name} on {settings.env.name}/{settings.env.task}: {arch.num_seeds} seed(s)"
+            f"{sweep_note(settings)}, "
             f"{settings.num_devices} device(s){device_note(settings.num_devices)}, {arch.num_envs} envs, "
             f"{settings.num_updates_per_eval * arch.num_evaluation} updates; compiling...")
         state, record, last_checkpoint = start_state(setup, settings, resume_point, out, say)
-        chunk, compile_seconds = compile_update_chunk(setup.system, settings, setup.mesh, state)
+        chunk, compile_seconds = compile_update_chunk(setup.system, settings, setup.mesh, state, setup.rebuild)
         evaluate = make_evaluate(setup, settings)
         say(f"compiled in {compile_seconds:.1f}s; run folder {out.run_dir}")
         if record is None:

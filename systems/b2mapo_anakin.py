@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import hydra
 import jax
@@ -98,6 +98,9 @@ class B2MAPOConfig(StageConfig):
     ind_minibatches: int = 4  # π_ind's minibatches per epoch
     kl_every: int = 1
     kl_coef: float = 1.0
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = StageConfig.SWEEPABLE + (
+        "random_edge_prob", "gen_lr", "gen_clip", "gen_ent_coef", "batch_cost", "ind_lr", "kl_every", "kl_coef")
 
     def check(self, prefix: str) -> None:
         super().check(prefix)

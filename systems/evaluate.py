@@ -108,7 +108,7 @@ def load_checkpoint(path: str, which: str = "latest", params: str = "final", epi
     shapes = jax.eval_shape(lambda: stacked_eval_params(setup.system, init_learner_states(setup.system, setup.env, settings)))
     name = "best_params" if params == "best" else "params"
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    target = {"best_params": zeros, "best_return": np.zeros(settings.arch.num_seeds, np.float64), "params": zeros}
+    target = {"best_params": zeros, "best_return": np.zeros(settings.num_runs, np.float64), "params": zeros}
     _, host, meta = checkpointing.restore(directory, step, host_target=target)
     loaded = jax.device_put(host[name], NamedSharding(setup.mesh, P()))
     return Loaded(settings, setup, loaded, meta, checkpointing.step_path(directory, step))
@@ -163,19 +163,21 @@ def evaluate_checkpoint(args: argparse.Namespace, say: Callable[[str], None] = p
     evaluate = make_evaluate(loaded.setup, settings)
     episodes = args.episodes or arch.num_eval_episodes
     metrics = evaluate(loaded.params, EVAL_INDEX_OFFSET + args.eval_seed, episodes)
-    seeds = meta.get("seeds", list(range(arch.seed, arch.seed + arch.num_seeds)))
+    seeds = meta.get("seeds", settings.run_seeds)
+    combos = [label[len(settings.algorithm_label):] for label in settings.run_labels]  # "" without a sweep
     mode = "greedy" if arch.evaluation_greedy else "stochastic"
     say(f"{settings.system.name} on {settings.env.name}/{settings.env.task}: checkpoint {loaded.path} "
         f"(evaluation {meta['eval_index']}, env step {meta['env_steps']:,}), {args.params} parameters, "
         f"{episodes} {mode} episodes per seed")
     for i, seed in enumerate(seeds):
         parts = "  ".join(f"{name} {float(values[i]):.3f}" for name, values in metrics.items())
-        say(f"  seed {seed}: {parts}")
+        say(f"  seed {seed}{' ' + combos[i] if combos[i] else ''}: {parts}")
     summary = {name: float(np.mean(values)) for name, values in metrics.items()}
     say("  mean:   " + "  ".join(f"{name} {value:.3f}" for name, value in summary.items()))
     out: dict[str, Any] = {
         "checkpoint": loaded.path, "params": args.params, "episodes": episodes, "greedy": arch.evaluation_greedy,
-        "seeds": seeds, "per_seed": {name: np.asarray(v).tolist() for name, v in metrics.items()}, "mean": summary,
+        "seeds": seeds, **({"runs": settings.run_labels} if settings.sweep else {}),
+        "per_seed": {name: np.asarray(v).tolist() for name, v in metrics.items()}, "mean": summary,
     }
     if args.render:
         run_dir = os.path.dirname(os.path.dirname(loaded.path))

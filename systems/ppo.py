@@ -8,7 +8,7 @@ axis: ``(T, E, A, ...)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,11 @@ class PPOConfig:
     # methods), or one joint loss over all agents with joint normalisation and one global clip
     # (false; Mava's IPPO/MAPPO). With shared parameters the loss is always the joint mean.
     per_agent_losses: bool = False
+
+    # Keys an in-program sweep may vary (``+sweep.system.<key>=[...]``, systems.sweep): they change
+    # no shape and no Python-level decision, so they can be traced values.
+    SWEEPABLE: ClassVar[tuple[str, ...]] = ("actor_lr", "critic_lr", "gamma", "gae_lambda", "clip_eps", "ent_coef",
+                                            "vf_coef", "max_grad_norm")
 
     @property
     def needs_global_state(self) -> bool:

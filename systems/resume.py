@@ -77,7 +77,8 @@ NOT_TRAINING = ("compilation_cache", "distributed", "coordinator_address", "num_
 def training_config(config: dict[str, Any], num_devices: int) -> dict[str, Any]:
     """The parts of a config that change what is computed (the logger section does not)."""
     arch = {key: value for key, value in config["arch"].items() if key not in NOT_TRAINING}
-    return {"arch": arch, **{name: config[name] for name in ("env", "network", "system")}, "devices": num_devices}
+    sweep = {"sweep": config["sweep"]} if config.get("sweep") else {}
+    return {"arch": arch, **{name: config[name] for name in ("env", "network", "system")}, **sweep, "devices": num_devices}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -98,7 +99,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 def saved_training_config(meta: dict[str, Any], system_cls: type) -> dict[str, Any]:
     """The training config of a checkpoint as this code reads it: keys added to the code since the
     checkpoint was written take their defaults. Raises ``ConfigError`` if the code no longer accepts it."""
-    config = {name: meta["config"][name] for name in ("arch", "env", "network", "system")}
+    config = {name: meta["config"][name] for name in ("arch", "env", "network", "system", "sweep") if name in meta["config"]}
     return training_config(config_dict(load_settings(config, system_cls)), meta.get("num_devices", -1))
 
 
@@ -193,7 +194,7 @@ def restore_run(point: tuple[str, int], target: Any, system: System, settings: S
         say(f"warning: resuming with changed hyperparameters ({'; '.join(changed)}); from here on the run "
             "differs from the one that wrote the checkpoint")
     params = stacked_eval_params(system, target)
-    host_target = {"best_params": jax.device_get(params), "best_return": np.zeros(settings.arch.num_seeds, np.float64),
+    host_target = {"best_params": jax.device_get(params), "best_return": np.zeros(settings.num_runs, np.float64),
                    "params": params}
     state, host, meta = checkpointing.restore(directory, step, target, host_target)
     evaluations = [Evaluation.from_json(e) for e in meta["evaluations"]]

@@ -11,6 +11,7 @@ import json
 from typing import Any, Optional, Union
 
 import envs
+from systems.sweep import Sweep, combination_label, parse_sweep, run_combinations
 from utils.config import ConfigError, fail, one_of, positive, require, section, to_container
 
 
@@ -177,6 +178,7 @@ class Settings:
     num_updates: int  # per seed
     num_updates_per_eval: int
     steps_per_update: int  # joint env steps per update per seed: rollout_length * num_envs
+    sweep: Sweep = Sweep()  # in-program hyperparameter sweep (systems.sweep); empty: none
 
     @property
     def steps_per_chunk(self) -> int:
@@ -196,22 +198,39 @@ class Settings:
         kind = "rec" if self.network.kind == "rnn" else "ff"
         return f"{kind}_{self.system.name}_{self.network.parameter_sharing}"
 
+    @property
+    def num_runs(self) -> int:
+        """The seed axis: combinations of the sweep x ``arch.num_seeds`` (just the seeds without one)."""
+        return self.sweep.size * self.arch.num_seeds
+
+    @property
+    def run_seeds(self) -> list[int]:
+        """The seed of each run: ``arch.seed + r % num_seeds``."""
+        return [self.arch.seed + r % self.arch.num_seeds for r in range(self.num_runs)]
+
+    @property
+    def run_labels(self) -> list[str]:
+        """Each run's algorithm name in the marl-eval JSON: the label, plus ``[key=value,...]`` in a sweep."""
+        return [self.algorithm_label + combination_label(c) for c in run_combinations(self.sweep, self.arch.num_seeds)]
+
 
 SECTIONS = ("arch", "env", "network", "system", "logger")
+OPTIONAL_SECTIONS = ("sweep",)  # absent from config_dict when empty (older checkpoints stay comparable)
 
 
 def load_settings(cfg: Any, system_cls: type, available_devices: Optional[int] = None) -> Settings:
     """Validates ``cfg`` (Hydra/OmegaConf or a plain dict) and derives the run's sizes."""
     raw = to_container(cfg)
-    unknown = sorted(set(raw) - set(SECTIONS) - {"hydra"})
+    unknown = sorted(set(raw) - set(SECTIONS) - set(OPTIONAL_SECTIONS) - {"hydra"})
     if unknown:
-        raise ConfigError(f"unknown top-level config keys {unknown}; valid: {list(SECTIONS)}")
+        raise ConfigError(f"unknown top-level config keys {unknown}; valid: {list(SECTIONS + OPTIONAL_SECTIONS)}")
     arch = section(ArchConfig, raw.get("arch"), "arch")
     if arch.num_absolute_metric_eval_episodes is None:
         arch = dataclasses.replace(arch, num_absolute_metric_eval_episodes=arch.absolute_episodes)
     env = section(EnvConfig, raw.get("env"), "env")
     network = section(NetworkConfig, raw.get("network"), "network")
     system = section(system_cls, raw.get("system"), "system")
+    sweep = parse_sweep(raw.get("sweep"), system_cls, raw.get("system"))
     logger = section(LoggerConfig, raw.get("logger"), "logger")
     if isinstance(logger.resume, str) and logger.resume.lower() in ("true", "false"):
         logger = dataclasses.replace(logger, resume=logger.resume.lower() == "true")
@@ -261,9 +280,13 @@ def load_settings(cfg: Any, system_cls: type, available_devices: Optional[int] =
         num_updates=num_updates,
         num_updates_per_eval=num_updates // arch.num_evaluation,
         steps_per_update=steps_per_update,
+        sweep=sweep,
     )
 
 
 def config_dict(settings: Settings) -> dict[str, Any]:
     """The run's sections as plain JSON data (saved with checkpoints); ``load_settings`` takes it back."""
-    return json.loads(json.dumps({name: dataclasses.asdict(getattr(settings, name)) for name in SECTIONS}))
+    config = {name: dataclasses.asdict(getattr(settings, name)) for name in SECTIONS}
+    if settings.sweep:
+        config["sweep"] = settings.sweep.as_config()
+    return json.loads(json.dumps(config))

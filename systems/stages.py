@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +95,8 @@ class StageConfig(PPOConfig):
     preopc_values: str = "current"  # current: V from the critic as it is at the stage | rollout
     stage_epochs: Optional[int] = None  # epochs per stage; null: the algorithm's default
     per_agent_losses: bool = True  # separate parameters: per-agent losses and optimisers (PPOConfig)
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = PPOConfig.SWEEPABLE + ("adaptive_clip_c", "others_clip_eps", "trace_cap")
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
@@ -328,8 +330,10 @@ def weighted_normalise(x: Array, w: Optional[Array], per_agent: bool, eps: float
     return (x - mean) / (std + eps)
 
 
-def clip_log(x: Array, eps: float) -> Array:
-    return jnp.clip(x, math.log1p(-eps), math.log1p(eps))
+def clip_log(x: Array, eps: float | Array) -> Array:
+    """x clipped to [log(1−ε), log(1+ε)] (ε may be a swept, traced value)."""
+    log1p = math.log1p if isinstance(eps, (int, float)) else jnp.log1p
+    return jnp.clip(x, log1p(-eps), log1p(eps))
 
 
 def surrogate_loss(

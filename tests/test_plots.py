@@ -50,3 +50,5 @@ def test_both_sharing_variants_of_one_system_share_a_file_and_a_colour(tmp_path,
 def test_parse_label():
     assert parse_label("rec_mappo_separate") == ("rec_mappo_*", "separate", "rec_mappo (separate)")
     assert parse_label("mappo") == ("mappo", None, "mappo")
+    assert parse_label("ff_a2po_shared[clip_eps=0.1,adaptive_clip_c=0.5]") == (
+        "ff_a2po_*[clip_eps=0.1,adaptive_clip_c=0.5]", "shared", "a2po (shared) [clip_eps=0.1,adaptive_clip_c=0.5]")

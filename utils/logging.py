@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
@@ -64,35 +64,42 @@ class MarlEvalJson:
 
     ``step_k`` is the k-th evaluation during training (after k+1 update chunks, as many entries as
     Mava writes for the same ``num_evaluation``); a rerun of a seed replaces that seed's entries.
+    ``algorithm`` is one name for every seed, or one name per seed (an in-program sweep: one
+    algorithm per combination, ``seeds`` then lists each run's seed).
     """
 
-    def __init__(self, path: str, env_name: str, task: str, algorithm: str, seeds: list[int]):
+    def __init__(self, path: str, env_name: str, task: str, algorithm: Union[str, Sequence[str]], seeds: list[int]):
         self.path, self.seeds = path, seeds
-        self.keys = (env_name, task, algorithm)
-        self.runs: dict[str, dict[str, Any]] = {f"seed_{seed}": {} for seed in seeds}
+        names = [algorithm] * len(seeds) if isinstance(algorithm, str) else list(algorithm)
+        if len(names) != len(seeds):
+            raise ValueError(f"{len(names)} algorithm names for {len(seeds)} seeds")
+        self.keys = (env_name, task)
+        self.slots = [(name, f"seed_{seed}") for name, seed in zip(names, seeds)]  # per run: (algorithm, seed_k)
+        if len(set(self.slots)) != len(self.slots):
+            raise ValueError(f"two runs share an (algorithm, seed) entry: {self.slots}")
+        self.runs: dict[tuple[str, str], dict[str, Any]] = {slot: {} for slot in self.slots}
 
     def add(self, eval_step: int, step: int, metrics: dict[str, np.ndarray], elapsed: float) -> None:
-        """``metrics``: name -> per-seed values (S,)."""
-        for i, seed in enumerate(self.seeds):
+        """``metrics``: name -> per-run values (S,)."""
+        for i, slot in enumerate(self.slots):
             entry: dict[str, Any] = {"step_count": int(step), "elapsed_time": float(elapsed)}
             entry.update({name: [float(values[i])] for name, values in metrics.items()})
-            self.runs[f"seed_{seed}"][f"step_{eval_step}"] = entry
+            self.runs[slot][f"step_{eval_step}"] = entry
 
     def add_absolute(self, metrics: dict[str, np.ndarray]) -> None:
-        for i, seed in enumerate(self.seeds):
-            self.runs[f"seed_{seed}"]["absolute_metrics"] = {
-                name: [float(values[i])] for name, values in metrics.items()
-            }
+        for i, slot in enumerate(self.slots):
+            self.runs[slot]["absolute_metrics"] = {name: [float(values[i])] for name, values in metrics.items()}
 
     def write(self) -> None:
-        env_name, task, algorithm = self.keys
+        env_name, task = self.keys
         with file_lock(self.path):
             data: dict[str, Any] = {}
             if os.path.exists(self.path):
                 with open(self.path) as f:
                     data = json.load(f)
-            runs = data.setdefault(env_name, {}).setdefault(task, {}).setdefault(algorithm, {})
-            runs.update(self.runs)
+            algorithms = data.setdefault(env_name, {}).setdefault(task, {})
+            for (algorithm, seed), entries in self.runs.items():
+                algorithms.setdefault(algorithm, {})[seed] = entries
             atomic_write_text(self.path, json.dumps(data, indent=1))
 
 
@@ -154,14 +161,17 @@ class Console:
             return float("nan")
         return (t1 - t0) / (s1 - s0) * (self.total - s1)
 
-    def evaluation(self, index: int, step: int, summary: str, short: str) -> None:
-        """After evaluation ``index`` (1-based) at ``step``: a full line when due, the bar always."""
+    def evaluation(self, index: int, step: int, summary: str, short: str, detail: str = "") -> None:
+        """After evaluation ``index`` (1-based) at ``step``: a full line (and ``detail`` under it) when
+        due, the bar always."""
         self.marks.append((time.perf_counter(), step))
         if index % self.every == 0 or index == self.num_evaluation or index == 1:
             width = len(str(self.num_evaluation))
             percent = 100.0 * step / max(self.total, 1)
             self.print(f"[{index:>{width}}/{self.num_evaluation} {percent:3.0f}%] {summary}  "
                        f"ETA {format_duration(self.eta())}")
+            if detail:
+                self.print(f"{' ' * (2 * width + 8)}{detail}")
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=short)
 
@@ -178,8 +188,10 @@ def plot_learning_curve(
     title: str,
     win_rates: Optional[np.ndarray] = None,
     absolute: Optional[np.ndarray] = None,
+    groups: Optional[Sequence[str]] = None,
 ) -> None:
-    """Mean over seeds with a min-max band; a win-rate panel when given. Arrays: (num_evals, S)."""
+    """Mean over seeds with a min-max band; a win-rate panel when given. Arrays: (num_evals, S).
+    ``groups`` (one label per column, e.g. a sweep's combinations): one curve per label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,11 +203,18 @@ def plot_learning_curve(
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (label, values) in zip(axes[0], panels):
         values = np.asarray(values, dtype=float)
-        ax.plot(steps, values.mean(axis=1), marker="." if len(steps) < 40 else None,
-                label=f"mean of {values.shape[1]} seed(s)")
-        if values.shape[1] > 1:
-            ax.fill_between(steps, values.min(axis=1), values.max(axis=1), alpha=0.25, label="min-max over seeds")
-        if absolute is not None and label.startswith("mean episode return"):
+        if groups is None:
+            ax.plot(steps, values.mean(axis=1), marker="." if len(steps) < 40 else None,
+                    label=f"mean of {values.shape[1]} seed(s)")
+            if values.shape[1] > 1:
+                ax.fill_between(steps, values.min(axis=1), values.max(axis=1), alpha=0.25, label="min-max over seeds")
+        else:
+            for name in dict.fromkeys(groups):  # first-seen order
+                part = values[:, [i for i, g in enumerate(groups) if g == name]]
+                (line,) = ax.plot(steps, part.mean(axis=1), label=f"{name} ({part.shape[1]} seed(s))")
+                if part.shape[1] > 1:
+                    ax.fill_between(steps, part.min(axis=1), part.max(axis=1), alpha=0.15, color=line.get_color())
+        if absolute is not None and groups is None and label.startswith("mean episode return"):
             ax.axhline(float(np.mean(absolute)), color="grey", linestyle="--", linewidth=1,
                        label=f"absolute metric {float(np.mean(absolute)):.3g}")
         ax.set_xlabel("env steps")

@@ -31,13 +31,15 @@ class Label(NamedTuple):
 
 
 def parse_label(algorithm: str) -> Label:
-    """``ff_a2po_separate`` -> Label("ff_a2po_*", "separate", "a2po (separate)"); ``rec_`` keeps its prefix."""
-    match = re.fullmatch(r"(ff|rec)_(.+)_(shared|separate)", algorithm)
+    """``ff_a2po_separate`` -> Label("ff_a2po_*", "separate", "a2po (separate)"); ``rec_`` keeps its prefix.
+    A sweep's combination (``ff_mappo_shared[actor_lr=0.001]``) gets its own colour and keeps its values."""
+    match = re.fullmatch(r"(ff|rec)_(.+?)_(shared|separate)(\[.*\])?", algorithm)
     if not match:
         return Label(algorithm, None, algorithm)
-    kind, system, sharing = match.groups()
+    kind, system, sharing, combo = match.groups()
     name = system if kind == "ff" else f"rec_{system}"
-    return Label(f"{kind}_{system}_*", sharing, f"{name} ({sharing})")
+    combo = combo or ""
+    return Label(f"{kind}_{system}_*{combo}", sharing, f"{name} ({sharing})" + (f" {combo}" if combo else ""))
 
 
 def curves(data: dict[str, Any], env: str, task: str, metric: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -341,7 +341,7 @@ class Reporter:
             return
         means = {name: float(np.mean(v)) for name, v in evaluation.metrics.items()}
         self.neptune.log_metrics("eval", means, evaluation.step)
-        labels = [label[len(self.settings.algorithm_label):] for label in self.settings.run_labels]
+        labels = self.settings.run_combinations
         for i, (value, seed) in enumerate(zip(evaluation.metrics["mean_episode_return"], self.settings.run_seeds)):
             self.neptune.log_metrics(f"eval/{labels[i] + '/' if labels[i] else ''}seed_{seed}",
                                      {"mean_episode_return": float(value)}, evaluation.step)
@@ -460,7 +460,7 @@ def finish(record: HostRecord, evaluate: Callable, setup: Setup, settings: Setti
         plot_path = os.path.join(out.run_dir, "learning_curve.png")
         plot_learning_curve(plot_path, steps, returns, f"{settings.system.name} {settings.env.name}/{settings.env.task}",
                             wins, None if absolute is None else absolute["mean_episode_return"],
-                            [label[len(settings.algorithm_label):] for label in settings.run_labels] if settings.sweep else None)
+                            settings.run_combinations if settings.sweep else None)
         out.neptune.upload("results/learning_curve", plot_path)
     out.neptune.upload("results/metrics_json", out.results.path)
     say(f"trained {settings.total_steps * settings.num_runs:,} steps in {record.train_seconds:.1f}s "

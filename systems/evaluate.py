@@ -164,7 +164,7 @@ def evaluate_checkpoint(args: argparse.Namespace, say: Callable[[str], None] = p
     episodes = args.episodes or arch.num_eval_episodes
     metrics = evaluate(loaded.params, EVAL_INDEX_OFFSET + args.eval_seed, episodes)
     seeds = meta.get("seeds", settings.run_seeds)
-    combos = [label[len(settings.algorithm_label):] for label in settings.run_labels]  # "" without a sweep
+    combos = settings.run_combinations  # "" without a sweep
     mode = "greedy" if arch.evaluation_greedy else "stochastic"
     say(f"{settings.system.name} on {settings.env.name}/{settings.env.task}: checkpoint {loaded.path} "
         f"(evaluation {meta['eval_index']}, env step {meta['env_steps']:,}), {args.params} parameters, "

@@ -209,9 +209,14 @@ class Settings:
         return [self.arch.seed + r % self.arch.num_seeds for r in range(self.num_runs)]
 
     @property
+    def run_combinations(self) -> list[str]:
+        """Each run's combination, ``[key=value,...]`` (empty strings without a sweep)."""
+        return [combination_label(c) for c in run_combinations(self.sweep, self.arch.num_seeds)]
+
+    @property
     def run_labels(self) -> list[str]:
-        """Each run's algorithm name in the marl-eval JSON: the label, plus ``[key=value,...]`` in a sweep."""
-        return [self.algorithm_label + combination_label(c) for c in run_combinations(self.sweep, self.arch.num_seeds)]
+        """Each run's algorithm name in the marl-eval JSON: the label, plus its combination in a sweep."""
+        return [self.algorithm_label + combo for combo in self.run_combinations]
 
 
 SECTIONS = ("arch", "env", "network", "system", "logger")

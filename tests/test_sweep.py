@@ -70,16 +70,16 @@ def test_each_combination_and_seed_of_a_sweep_trains_like_its_own_run(tmp_result
     swept, metrics = jax.device_get(compiled(state, values))
     swapped, _ = jax.device_get(compiled(copy, {"actor_lr": values["actor_lr"][[2, 3, 0, 1]]}))
     assert metrics["actor_loss"].shape[1] == 4
-    outcomes = []
-    for c, lr in enumerate(lrs):
-        _, alone, _ = chunk_result(module, "mappo", ["arch.num_seeds=2", f"system.actor_lr={lr}"], tmp_results)
-        assert_close(run_slice(swept.params, slice(2 * c, 2 * c + 2)), alone)
-        assert_close(run_slice(swapped.params, slice(2 - 2 * c, 4 - 2 * c)), alone)
-        outcomes.append(np.concatenate([np.ravel(x[0]) for x in jax.tree.leaves(alone)]))
-    assert not np.allclose(*outcomes)  # the values matter
+    # One plain run (lr 1e-2) checks both halves: runs 2-3 of the sweep, runs 0-1 with the values swapped.
+    _, alone, _ = chunk_result(module, "mappo", ["arch.num_seeds=2", f"system.actor_lr={lrs[1]}"], tmp_results)
+    assert_close(run_slice(swept.params, slice(2, 4)), alone)
+    assert_close(run_slice(swapped.params, slice(0, 2)), alone)
+    assert_close(run_slice(swapped.params, slice(2, 4)), run_slice(swept.params, slice(0, 2)))
+    outcomes = [np.concatenate([np.ravel(x[r]) for x in jax.tree.leaves(swept.params)]) for r in (0, 2)]
+    assert not np.allclose(*outcomes)  # the values matter: seed 5 at lr 1e-4 and at 1e-2
 
 
-@pytest.mark.parametrize("config", ["ippo", "mappo", "coppo", "happo", "a2po", "b2mapo"])
+@pytest.mark.parametrize("config", ["mappo", "coppo", "happo", "a2po", "b2mapo"])  # ippo: mappo's PPOConfig
 def test_every_sweepable_key_of_every_system_traces_as_an_array(tmp_results, config):
     """Each key a system lists in SWEEPABLE traces as an array: no shape or Python-level decision
     depends on its value (a float() or an if on it would fail here)."""

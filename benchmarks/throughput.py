@@ -164,6 +164,20 @@ def markdown(rows: list[dict], networks: bool = False, all_rows: Optional[list[d
     return "\n".join(lines)
 
 
+def network_kind(text: str) -> str:
+    """``ff``, ``rnn`` or ``rnn:K`` (K a positive chunk length)."""
+    if text in ("ff", "rnn") or (text.startswith("rnn:") and text[4:].isdigit() and int(text[4:]) > 0):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use ff, rnn or rnn:K (K steps per training sequence)")
+
+
+def network_overrides(network: str) -> tuple[str, ...]:
+    if network == "ff":
+        return ("network=mlp",)
+    chunk = network.partition(":")[2]
+    return ("network=rnn",) + ((f"system.recurrent_chunk_size={chunk}",) if chunk else ())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="128 envs only, 2 repeats")
@@ -173,8 +187,9 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="*", default=None,
                         help="env/task pairs such as smax/3m (default: the Jumanji three, then the JaxMARL "
                              "three where jaxmarl is installed; these at the smallest and largest env count)")
-    parser.add_argument("--networks", nargs="*", default=["ff"], choices=["ff", "rnn"],
-                        help="network kinds: ff (MLP 128x128), rnn (Mava's GRU layout: 128 -> GRU 128 -> 128)")
+    parser.add_argument("--networks", nargs="*", default=["ff"], type=network_kind,
+                        help="network kinds: ff (MLP 128x128), rnn (Mava's GRU layout: 128 -> GRU 128 -> 128), "
+                             "rnn:K (the same, trained on K-step sequences: system.recurrent_chunk_size=K)")
     parser.add_argument("--name", default="throughput", help="output file name (results/<name>.{json,md})")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
@@ -198,7 +213,7 @@ def main() -> None:
                 for network in args.networks:
                     row = {"env": env, "task": task, "num_envs": num_envs, "devices": devices, "network": network}
                     for system in ("ippo", "mappo"):
-                        settings = settings_for(system, env, task, num_envs, devices, updates, (f"network={'mlp' if network == 'ff' else 'rnn'}",))
+                        settings = settings_for(system, env, task, num_envs, devices, updates, network_overrides(network))
                         row[system] = training_throughput(settings, repeats)
                     env_only = env_only if env_only is not None else env_only_throughput(settings, repeats)
                     row["env_only"] = env_only
@@ -218,7 +233,8 @@ def main() -> None:
         f"# Training throughput\n\nCommand: `{command}` (jax {jax.__version__}, {jax.default_backend()}, "
         f"{os.cpu_count()} cores). Joint env steps/s per run, compile excluded, median of {repeats} "
         "repeats. Hyperparameters: Mava's ff_mappo (rollout 128, 4 epochs, 2 minibatches, MLP 128x128; "
-        "network=rnn: 128 -> GRU 128 -> 128, recurrent training over the whole rollout). "
+        "network=rnn: 128 -> GRU 128 -> 128, recurrent training over the whole rollout; rnn:K: over K-step "
+        "chunks, system.recurrent_chunk_size=K). "
         "'mappo / Mava' divides by Mava's ff_mappo measured on this machine at the same device count "
         "(rware 10.9k / 18.2k, lbf 18k / 26.7k steps/s on 1 / 2 devices; flat from 16 to 512 envs).\n\n"
         + table + "\n",

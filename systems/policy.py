@@ -84,6 +84,7 @@ class Transition(NamedTuple):
     reward: Array  # (T, E, A)
     discount: Array  # (T, E, A) 0 where the episode terminated
     done: Array  # (T, E) the episode ended here (terminated or truncated)
+    hidden: Optional[HiddenStates] = None  # (T, E, A, H) recurrent: the hidden states obs_t was acted on with
 
 
 def optimisers(networks: Any) -> Any:
@@ -137,6 +138,7 @@ def rollout(nets: PolicyNets, spec: EnvSpec, vec_env: AutoResetVecEnv, params: A
 
     def env_step(carry: tuple[VecState, TimeStep, Any], step_key: Array) -> tuple[Any, Any]:
         env_state, timestep, hidden = carry
+        hidden_before = hidden
         act_key, reset_key = jax.random.split(step_key)
         obs, reset = timestep.observation, episode_start(timestep)
         actor_h, action, log_prob = sample(params, None if hidden is None else hidden.actor, obs, reset, act_key)
@@ -145,7 +147,7 @@ def rollout(nets: PolicyNets, spec: EnvSpec, vec_env: AutoResetVecEnv, params: A
         _, next_value = step(nets, nets.critic, params.critic, critic_h, info.real_next_obs, jnp.zeros_like(reset))
         transition = Transition(obs=obs, reset=reset, action=action, log_prob=log_prob, value=value,
                                 next_value=next_value, reward=next_timestep.reward,
-                                discount=next_timestep.discount, done=next_timestep.last())
+                                discount=next_timestep.discount, done=next_timestep.last(), hidden=hidden_before)
         hidden = None if hidden is None else HiddenStates(actor_h, critic_h)
         return (env_state, next_timestep, hidden), (transition, episode_stats(info))
 
@@ -176,12 +178,16 @@ class PolicyModel(NamedTuple):
 
 
 class SeqInputs(NamedTuple):
-    """Recurrent network inputs, every leaf laid out (T', E, A, ...) like an observation."""
+    """Recurrent network inputs, every leaf laid out (T', E, A, ...) like an observation.
+
+    The hidden states are those at the start of each chunk of ``K`` steps (``recurrent_chunk_size``):
+    ``(T/K, E, A, H)``; entry 0 is the rollout's initial state, from which a whole sequence re-runs.
+    ``chunk_sequences`` turns a batch into ``K``-step sequences, one per chunk and env."""
 
     obs: Observation  # (T, E, A, ...)
     reset: Array  # (T, E, A) bool: obs_t starts an episode (the same for every agent)
-    actor_hidden: Array  # (1, E, A, H)
-    critic_hidden: Array  # (1, E, A, H)
+    actor_hidden: Array  # (T/K, E, A, H)
+    critic_hidden: Array  # (T/K, E, A, H)
 
 
 def append_time(x: Array, last: Array) -> Array:
@@ -199,6 +205,31 @@ def sample_minibatches(batch: Any, key: Array, num_minibatches: int) -> Any:
         return x.reshape((num_minibatches, leading // num_minibatches) + x.shape[1:])
 
     return jax.tree.map(split, batch)
+
+
+def chunk_sequences(batch: Any, chunk: int, length: int) -> Any:
+    """Every (T, E, ...) leaf (T = ``length``) -> (K, T/K * E, ...): the rollout cut into K-step sequences (sequence
+    j * E + e is env e's steps jK .. jK+K-1); ``SeqInputs``' chunk-start hidden states (T/K, E, ...)
+    -> (1, T/K * E, ...), so each sequence re-runs from the hidden state it was acted on with.
+    K = T leaves the batch as it is."""
+
+    def cut(x: Array) -> Array:
+        t, e = x.shape[0], x.shape[1]
+        x = jnp.swapaxes(x.reshape((t // chunk, chunk) + x.shape[1:]), 0, 1)  # (K, T/K, E, ...)
+        return x.reshape((chunk, (t // chunk) * e) + x.shape[3:])
+
+    def starts(h: Array) -> Array:
+        return h.reshape((1, h.shape[0] * h.shape[1]) + h.shape[2:])
+
+    def one(node: Any) -> Any:
+        if isinstance(node, SeqInputs):
+            return SeqInputs(jax.tree.map(cut, node.obs), cut(node.reset), starts(node.actor_hidden),
+                             starts(node.critic_hidden))
+        return cut(node)
+
+    if chunk == length:
+        return batch
+    return jax.tree.map(one, batch, is_leaf=lambda node: isinstance(node, SeqInputs))
 
 
 def sequence_minibatches(batch: Any, key: Array, num_minibatches: int) -> Any:
@@ -226,8 +257,10 @@ def epochs_of_minibatches(step: Callable[[Any, Any], tuple[Any, Any]], carry: An
     return jax.lax.scan(epoch, carry, jax.random.split(key, num_epochs))
 
 
-def training_inputs(nets: PolicyNets, state: LearnerState, traj: Transition, timestep: TimeStep) -> tuple[Any, Any]:
-    """(inputs (T, E, A, ...), extended inputs (T+1, ...)) for training on a rollout."""
+def training_inputs(nets: PolicyNets, state: LearnerState, traj: Transition, timestep: TimeStep,
+                    chunk: Optional[int] = None) -> tuple[Any, Any]:
+    """(inputs (T, E, A, ...), extended inputs (T+1, ...)) for training on a rollout (recurrent: the
+    hidden states at every ``chunk``-th step, default the rollout's start only)."""
     extended_obs = jax.tree.map(append_time, traj.obs, timestep.observation)
     if not nets.recurrent:
         return traj.obs, extended_obs
@@ -236,21 +269,23 @@ def training_inputs(nets: PolicyNets, state: LearnerState, traj: Transition, tim
     def per_agent(reset: Array) -> Array:
         return jnp.broadcast_to(reset[..., None], reset.shape + (num_agents,))
 
-    inputs = SeqInputs(traj.obs, per_agent(traj.reset), state.hidden.actor[None], state.hidden.critic[None])
+    step = chunk or traj.reward.shape[0]
+    inputs = SeqInputs(traj.obs, per_agent(traj.reset), traj.hidden.actor[::step], traj.hidden.critic[::step])
     extended = inputs._replace(obs=extended_obs,
                                reset=append_time(inputs.reset, per_agent(episode_start(timestep))))
     return inputs, extended
 
 
 def policy_model(nets: PolicyNets, spec: EnvSpec, vec_env: AutoResetVecEnv, length: int,
-                 sample: Optional[Sampler] = None) -> PolicyModel:
+                 sample: Optional[Sampler] = None, chunk: Optional[int] = None) -> PolicyModel:
     """How an update collects a rollout (acting with ``sample``, default ``nets``' actor) and runs
-    the actor and critic on its inputs."""
+    the actor and critic on its inputs. Recurrent minibatches are sequences of ``chunk`` steps
+    (default: the whole rollout, one per env)."""
 
     def collect(state: LearnerState, key: Array) -> Collected:
         env_state, timestep, hidden, traj, episodes = rollout(
             nets, spec, vec_env, state.params, state.env_state, state.timestep, state.hidden, key, length, sample)
-        inputs, extended = training_inputs(nets, state, traj, timestep)
+        inputs, extended = training_inputs(nets, state, traj, timestep, chunk)
         new_state = state._replace(env_state=env_state, timestep=timestep, hidden=hidden)
         return Collected(new_state, traj, inputs, extended, episodes)
 
@@ -264,7 +299,12 @@ def policy_model(nets: PolicyNets, spec: EnvSpec, vec_env: AutoResetVecEnv, leng
     def critic(params: Any, x: SeqInputs) -> Array:
         return nets.critic(params, x.critic_hidden[0], x.obs, x.reset[..., 0])[1]
 
-    return PolicyModel(collect, actor, critic, sequence_minibatches)
+    steps = chunk or length
+
+    def minibatches(batch: Any, key: Array, num_minibatches: int) -> Any:
+        return sequence_minibatches(chunk_sequences(batch, steps, length), key, num_minibatches)
+
+    return PolicyModel(collect, actor, critic, minibatches)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +347,10 @@ def make_policy_system(
 
 
 def check_recurrent_minibatches(settings: Any) -> None:
-    """Recurrent sequence minibatches split the envs of a device."""
-    num_minibatches = settings.system.num_minibatches
-    require(settings.envs_per_device % num_minibatches == 0, "system.num_minibatches", num_minibatches,
-            f"must divide the envs per device ({settings.envs_per_device}) for recurrent sequence minibatches")
+    """Recurrent sequence minibatches split a device's sequences: envs x rollout_length / chunk."""
+    cfg = settings.system
+    chunk = cfg.recurrent_chunk_size or cfg.rollout_length
+    sequences = settings.envs_per_device * (cfg.rollout_length // chunk)
+    require(sequences % cfg.num_minibatches == 0, "system.num_minibatches", cfg.num_minibatches,
+            f"must divide the sequences per device for recurrent minibatches: envs per device x rollout_length / "
+            f"recurrent_chunk_size = {settings.envs_per_device} x {cfg.rollout_length} / {chunk} = {sequences}")

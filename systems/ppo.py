@@ -8,7 +8,7 @@ axis: ``(T, E, A, ...)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,9 @@ class PPOConfig:
     # methods), or one joint loss over all agents with joint normalisation and one global clip
     # (false; Mava's IPPO/MAPPO). With shared parameters the loss is always the joint mean.
     per_agent_losses: bool = False
+    # network=rnn: minibatches of sequences this many steps long, each re-run from the hidden state
+    # it was acted on with (Mava's recurrent_chunk_size); null: the whole rollout, one per env.
+    recurrent_chunk_size: Optional[int] = None
 
     # Keys an in-program sweep may vary (``+sweep.system.<key>=[...]``, systems.sweep): they change
     # no shape and no Python-level decision, so they can be traced values.
@@ -61,6 +64,10 @@ class PPOConfig:
             require(getattr(self, key) >= 1, f"{prefix}.{key}", getattr(self, key), "must be >= 1")
         for key in ("actor_lr", "critic_lr", "clip_eps", "max_grad_norm"):
             positive(f"{prefix}.{key}", getattr(self, key))
+        if self.recurrent_chunk_size is not None:
+            chunk = self.recurrent_chunk_size
+            require(chunk >= 1 and self.rollout_length % chunk == 0, f"{prefix}.recurrent_chunk_size", chunk,
+                    f"must divide rollout_length ({self.rollout_length}), or be null for whole rollouts")
         for key in ("gamma", "gae_lambda"):
             value = getattr(self, key)
             require(0.0 <= value <= 1.0, f"{prefix}.{key}", value, "must be in [0, 1]")

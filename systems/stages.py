@@ -785,7 +785,7 @@ def make_stage_system(settings: Any, spec: EnvSpec, vec_env: Any, plan: Plan,
     if nets.recurrent:
         check_recurrent_minibatches(settings)
     networks = actor_critic_networks(nets, make_stage_optimisers(settings, plan.num_stages, plan.stage_epochs))
-    model = policy_model(nets, spec, vec_env, cfg.rollout_length)
+    model = policy_model(nets, spec, vec_env, cfg.rollout_length, chunk=cfg.recurrent_chunk_size)
     update = make_stage_update(model, spec, optimisers(networks), cfg, plan,
                                settings.network.parameter_sharing == "separate")
     return make_policy_system(nets, spec, networks, update)

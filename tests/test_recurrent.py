@@ -129,3 +129,85 @@ def test_centralised_recurrent_critic_run_once_equals_every_agent_copy():
     assert value.shape == (T, B, 3) and h.shape == (B, 3, 8)
     np.testing.assert_allclose(np.asarray(value), np.asarray(value_ref), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(h), np.asarray(h_ref), rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_sequences_cuts_the_rollout_into_k_step_sequences_with_their_start_states():
+    from systems.policy import SeqInputs, chunk_sequences
+
+    T, E, A, H, K = 8, 3, 2, 5, 4
+    steps = jnp.arange(T * E * A, dtype=jnp.float32).reshape(T, E, A)  # value = its (t, e, a) index
+    obs = Observation(steps[..., None], jnp.ones((T, E, A, 2), bool), jnp.zeros((T, E, A), jnp.int32))
+    hidden = jnp.broadcast_to(steps[::K, ..., None], (T // K, E, A, H))  # chunk-start states
+    batch = SeqInputs(obs, jnp.zeros((T, E, A), bool), hidden, -hidden)
+    out = chunk_sequences({"inputs": batch, "action": steps}, K, T)
+    assert out["action"].shape == (K, T // K * E, A) and out["inputs"].actor_hidden.shape == (1, T // K * E, A, H)
+    for j in range(T // K):
+        for e in range(E):
+            np.testing.assert_array_equal(out["action"][:, j * E + e], steps[j * K:(j + 1) * K, e])
+            np.testing.assert_array_equal(out["inputs"].obs.agents_view[:, j * E + e, :, 0], steps[j * K:(j + 1) * K, e])
+            np.testing.assert_array_equal(out["inputs"].actor_hidden[0, j * E + e], hidden[j, e])
+            np.testing.assert_array_equal(out["inputs"].critic_hidden[0, j * E + e], -hidden[j, e])
+    same = chunk_sequences({"inputs": batch._replace(actor_hidden=hidden[:1], critic_hidden=hidden[:1]),
+                            "action": steps}, T, T)  # K = T: the batch as it is
+    assert same["action"] is steps
+
+
+@pytest.mark.parametrize("sharing", ["shared", pytest.param("separate", marks=pytest.mark.slow)])
+def test_chunked_sequences_replay_the_rollout_and_their_gradients_match_a_chunk_by_chunk_reference(
+        tmp_results, sharing):
+    """Chunks re-run from their stored hidden states give the behaviour log-probabilities of the
+    rollout exactly, and the gradient of a loss over chunked minibatches equals a Python loop that
+    replays each chunk on its own from the hidden state the rollout recorded at its start."""
+    from networks import make_distribution
+    from systems.policy import chunk_sequences
+
+    K = 8
+    settings = small_settings("mappo", PPOConfig, SMALL + [
+        "network=rnn", "network.rnn_pre_layers=[16]", "network.rnn_hidden_size=16", "network.rnn_post_layers=[16]",
+        f"network.parameter_sharing={sharing}", f"system.recurrent_chunk_size={K}", "env=mpe",
+        "env.task=simple_spread_3ag"], tmp_results)  # 25-step episodes: a reset inside the last chunk
+    train_env, _ = make_envs(settings)
+    vec = AutoResetVecEnv(train_env, settings.envs_per_device)
+    system = make_ppo_system(settings, train_env.spec, vec)
+    state = jax.tree.map(lambda x: x[0], init_learner_states(system, train_env, settings))
+    from systems.policy import policy_model
+    from networks.policy import make_policy_nets
+
+    nets = make_policy_nets(settings.network, train_env.spec, True)
+    model = policy_model(nets, train_env.spec, vec, settings.system.rollout_length, chunk=K)
+    collected = jax.jit(model.collect)(state, jax.random.PRNGKey(3))
+    traj, inputs = collected.traj, collected.inputs
+    T, E = traj.reward.shape[:2]
+    assert bool(jnp.any(traj.reset[1:]))  # episodes restart inside the rollout (resets mid-chunk)
+    spec = train_env.spec
+
+    def log_probs(params, x, action):
+        return make_distribution(spec, model.actor(params, x)).log_prob(action)
+
+    chunked = chunk_sequences({"x": inputs, "action": traj.action, "log_prob": traj.log_prob}, K, T)
+    params = collected.state.params.actor
+    np.testing.assert_allclose(np.asarray(jax.jit(log_probs)(params, chunked["x"], chunked["action"])),
+                               np.asarray(chunked["log_prob"]), rtol=1e-5, atol=1e-5)
+
+    def chunked_loss(params):
+        return jnp.sum(log_probs(params, chunked["x"], chunked["action"]) ** 2)
+
+    def reference_loss(params):  # chunk j (every env at once), on its own, from the states recorded at step jK
+        total = 0.0
+        for j in range(T // K):
+            part = jax.tree.map(lambda x: x[j * K:(j + 1) * K], inputs)._replace(
+                actor_hidden=traj.hidden.actor[j * K][None], critic_hidden=traj.hidden.critic[j * K][None])
+            total = total + jnp.sum(log_probs(params, part, traj.action[j * K:(j + 1) * K]) ** 2)
+        return total
+
+    got, want = jax.grad(chunked_loss)(params), jax.jit(jax.grad(reference_loss))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_a_chunk_size_must_divide_the_rollout():
+    from systems.settings import load_settings
+    from utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"system.recurrent_chunk_size=5 is invalid: must divide rollout_length \(128\)"):
+        load_settings({"system": {"recurrent_chunk_size": 5}, "arch": {"num_devices": 1}}, PPOConfig, available_devices=1)

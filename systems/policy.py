@@ -14,10 +14,12 @@ at every episode start. The next-state value for the truncation bootstrap contin
 hidden state without a reset.
 
 Training inputs (``PolicyModel``). Feed-forward: the observations; minibatches shuffle the
-``(time, env)`` samples. Recurrent: each env's rollout is one sequence re-run from its stored
-initial hidden state (stale hidden states, no burn-in, as in Mava); minibatches shuffle envs and
-keep time. ``SeqInputs`` lays the hidden states out with a time axis of length 1 so every input
-leaf is ``(T', E, A, ...)`` and agent gathers (axis 2) and env shuffles (axis 1) treat all alike.
+``(time, env)`` samples. Recurrent: the rollout is cut into sequences of ``recurrent_chunk_size``
+steps (default: the whole rollout, one per env), each re-run from the hidden state the rollout
+acted on at its start (stale hidden states, no burn-in, as in Mava); minibatches shuffle sequences
+and keep time. ``SeqInputs`` lays the chunk-start hidden states out as ``(T/K, E, A, H)`` so every
+input leaf is ``(T', E, A, ...)`` and agent gathers (axis 2) treat all alike; ``chunk_sequences``
+makes them ``(1, T/K * E, ...)`` next to ``(K, T/K * E, ...)`` sequences before the shuffle (axis 1).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -44,7 +45,8 @@ class Sweep:
 
     @property
     def size(self) -> int:
-        return len(self.combinations)
+        """The number of combinations (1 without a sweep), without building them."""
+        return math.prod(len(values) for values in self.values)
 
     def as_config(self) -> dict[str, Any]:
         """The ``sweep`` section as config data (``parse_sweep`` takes it back)."""

@@ -271,8 +271,11 @@ def training_inputs(nets: PolicyNets, state: LearnerState, traj: Transition, tim
     def per_agent(reset: Array) -> Array:
         return jnp.broadcast_to(reset[..., None], reset.shape + (num_agents,))
 
-    step = chunk or traj.reward.shape[0]
-    inputs = SeqInputs(traj.obs, per_agent(traj.reset), traj.hidden.actor[::step], traj.hidden.critic[::step])
+    if chunk is None:  # whole rollouts: the start state only (the per-step states are then never used)
+        starts = HiddenStates(state.hidden.actor[None], state.hidden.critic[None])
+    else:
+        starts = HiddenStates(traj.hidden.actor[::chunk], traj.hidden.critic[::chunk])
+    inputs = SeqInputs(traj.obs, per_agent(traj.reset), starts.actor, starts.critic)
     extended = inputs._replace(obs=extended_obs,
                                reset=append_time(inputs.reset, per_agent(episode_start(timestep))))
     return inputs, extended

@@ -63,10 +63,14 @@ def test_singleton_batches_in_a2pos_order_are_a2po(tmp_results):
     assert_same_actor_critic(b2, a2, init)
 
 
-def test_one_batch_is_coppo_and_without_the_coupling_ppo(tmp_results):
+def test_one_batch_is_coppo(tmp_results):
     init, b2, co = two_updates(tmp_results, ["system.partition=one_batch", "system.derived_policy=false"],
                                "coppo", StageConfig, coppo_anakin.build, ["system.surrogate=coppo"])
     assert_same_actor_critic(b2, co, init)
+
+
+@pytest.mark.slow  # 2-core CI budget; the one-stage CoPPO case above runs by default
+def test_one_batch_without_the_coupling_is_ppo(tmp_results):
     init, b2, ppo = two_updates(tmp_results, ["system.partition=one_batch", "system.derived_policy=false",
                                               "system.surrogate=a2po"],
                                 "coppo", StageConfig, coppo_anakin.build, ["system.surrogate=none"])
@@ -132,6 +136,7 @@ def small_parts(tmp, num_agents=3):
     return settings, env, system
 
 
+@pytest.mark.slow  # 2-core CI budget: only in -m slow runs (the KL pass's gradient path is that of pi_ind's step, run by default)
 def test_kl_pass_lowers_the_kl_to_the_joint_policy(tmp_results):
     settings, env, system = small_parts(tmp_results)
     state = jax.tree.map(lambda x: x[0], init_learner_states(system, env, settings))
@@ -189,6 +194,7 @@ def test_bad_settings_name_the_key(tmp_results, override, needle):
         b2mapo_anakin.build(settings, Pick(3).spec, AutoResetVecEnv(Pick(3), settings.envs_per_device))
 
 
+@pytest.mark.slow  # 2-core CI budget: only in -m slow runs (the default gen_reward=surrogate is tested by default)
 def test_return_change_reward_credits_the_previous_updates_dag():
     """gen_reward=return_change: the first update only stores its decision; the next one rewards
     that decision with the change of the mean reward and moves its probability that way."""

@@ -4,6 +4,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import small_settings
 from scipy.stats import norm
 
@@ -77,6 +78,7 @@ def test_env_action_is_in_bounds_and_mode_is_scaled_tanh_mean():
     assert env_action(discrete, ints) is ints
 
 
+@pytest.mark.slow  # 2-core CI budget: the continuous PPO maths and a continuous update are tested by default above
 def test_mappo_learns_mpe_simple_spread(tmp_results):
     from systems.anakin import run
     from systems.mappo_anakin import CONFIG as PPOConfig, build as make_ppo_system

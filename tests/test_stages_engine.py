@@ -152,8 +152,9 @@ def test_two_devices_run_the_same_schedule(tmp_results, sharing, continuous, net
 
 
 @pytest.mark.parametrize("config,sharing", [
-    ("a2po", "separate"),  # one agent per stage by gather/scatter, PreOPC on the rollout critic
-    # The next two are slow (50 s, 33 s): -m slow. The golden runs check their recurrent paths too.
+    # Slow (2-core CI budget): -m slow. tests/test_recurrent.py's bypassed-GRU test and the rnn golden run cover
+    # the recurrent path by default.
+    pytest.param("a2po", "separate", marks=pytest.mark.slow),  # one agent per stage by gather/scatter, PreOPC
     pytest.param("a2po", "shared", marks=pytest.mark.slow),  # cumulative blocks, PreOPC on the shared critic
     pytest.param("happo", "separate", marks=pytest.mark.slow),  # HAPPO factor, critic once after all stages
 ])

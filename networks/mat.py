@@ -32,9 +32,8 @@ import numpy as np
 from jax import Array
 
 from envs.types import EnvSpec, Observation
-from networks.base import _with_agent_id
 from networks.distributions import make_distribution
-from networks.joint import JointNets
+from networks.joint import JointNets, discrete_token, joint_features, shift_tokens, start_token, token_width
 
 _ORTHO = nn.initializers.orthogonal(np.sqrt(2.0))
 
@@ -145,39 +144,14 @@ class MAT(nn.Module):
         return value, self.decode(tokens, obs_rep, action_mask)
 
 
-def token_width(spec: EnvSpec) -> int:
-    """Width of an action token: one-hot plus the start channel, or the action dimension."""
-    return spec.num_actions + 1 if spec.action_kind == "discrete" else spec.num_actions
-
-
 def action_token(spec: EnvSpec, action: Array) -> Array:
     """A stored action (..., ) int32 or (..., d) pre-tanh -> its decoder token (..., width)."""
-    if spec.action_kind == "discrete":
-        return jax.nn.one_hot(action + 1, spec.num_actions + 1)  # channel 0 is the start token
-    return jnp.tanh(action)
-
-
-def start_token(spec: EnvSpec, batch_shape: tuple[int, ...]) -> Array:
-    token = jnp.zeros(batch_shape + (token_width(spec),))
-    return token.at[..., 0].set(1.0) if spec.action_kind == "discrete" else token
+    return discrete_token(spec, action) if spec.action_kind == "discrete" else jnp.tanh(action)
 
 
 def shifted_tokens(spec: EnvSpec, action: Array) -> Array:
     """Actions (..., A[, d]) -> decoder tokens (..., A, width): token i is agent i-1's action."""
-    lead = action.shape[:-1] if spec.action_kind == "discrete" else action.shape[:-2]
-    tokens = action_token(spec, action)
-    return jnp.concatenate([start_token(spec, lead)[..., None, :], tokens[..., :-1, :]], axis=-2)
-
-
-def joint_input(spec: EnvSpec, add_agent_id: bool):
-    use_id = add_agent_id and not spec.implicit_agent_id
-
-    def features(obs: Observation) -> Array:
-        x = obs.agents_view.astype(jnp.float32)
-        x = x.reshape(x.shape[: x.ndim - len(spec.obs_shape)] + (-1,))
-        return _with_agent_id(x, spec.num_agents) if use_id else x
-
-    return features
+    return shift_tokens(spec, action_token(spec, action))
 
 
 def autoregressive_sample(spec: EnvSpec, decode: Any, batch_shape: tuple[int, ...], key: Array,
@@ -208,7 +182,7 @@ def make_mat(spec: EnvSpec, embed_dim: int = 64, n_block: int = 1, n_head: int =
              add_agent_id: bool = True) -> JointNets:
     """MAT behind ``JointNets`` (memoryless: ``hidden`` is None and ignored)."""
     net = MAT(spec, embed_dim, n_block, n_head)
-    features = joint_input(spec, add_agent_id)
+    features = joint_features(spec, add_agent_id)
     num_agents = spec.num_agents
     dummy_mask = jnp.ones((num_agents, spec.num_actions), bool)
     dummy_obs = features(Observation(jnp.zeros((num_agents,) + spec.obs_shape), dummy_mask,
@@ -229,4 +203,8 @@ def make_mat(spec: EnvSpec, embed_dim: int = 64, n_block: int = 1, n_head: int =
     def train(params: Any, hidden: Any, obs: Observation, reset: Any, action: Array) -> tuple[Array, Any]:
         return net.apply(params, features(obs), shifted_tokens(spec, action), obs.action_mask)
 
-    return JointNets(init=init, init_hidden=lambda batch_shape: None, act=act, train=train, recurrent=False)
+    def value(params: Any, hidden: Any, obs: Observation, reset: Array) -> Array:
+        return net.apply(params, features(obs), method=MAT.encode)[0]
+
+    return JointNets(init=init, init_hidden=lambda batch_shape: None, act=act, value=value, train=train,
+                     recurrent=False)

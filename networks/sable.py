@@ -66,9 +66,8 @@ import numpy as np
 from jax import Array
 
 from envs.types import EnvSpec, Observation
-from networks.base import _with_agent_id
 from networks.distributions import make_distribution
-from networks.joint import JointNets
+from networks.joint import JointNets, discrete_token, joint_features, shift_tokens, start_token
 
 # (q, k, v) (..., H, head_dim) -> (o (..., H, head_dim), new memory): how tokens are mixed.
 Mixer = Callable[[Array, Array, Array], tuple[Array, Array]]
@@ -327,29 +326,15 @@ class _Sable(NamedTuple):
 
     def inputs(self, obs: Observation) -> Array:
         """(..., A, *obs_shape) -> (..., A, F [+ A])."""
-        x = obs.agents_view.astype(jnp.float32)
-        x = x.reshape(x.shape[:x.ndim - len(self.spec.obs_shape)] + (-1,))
-        if self.config.add_agent_id and not self.spec.implicit_agent_id:
-            x = _with_agent_id(x, self.spec.num_agents)
-        return x
+        return joint_features(self.spec, self.config.add_agent_id)(obs)
 
     def action_input(self, action: Array) -> Array:
         """Stored action -> decoder input: one-hot with start channel 0 (n+1), or the vector itself."""
-        if self.discrete:
-            return jax.nn.one_hot(action + 1, self.spec.num_actions + 1)
-        return action.astype(jnp.float32)
-
-    def start_input(self, batch_shape: tuple[int, ...]) -> Array:
-        width = self.spec.num_actions + 1 if self.discrete else self.spec.num_actions
-        start = jnp.zeros(batch_shape + (width,), jnp.float32)
-        return start.at[..., 0].set(1.0) if self.discrete else start
+        return discrete_token(self.spec, action) if self.discrete else action.astype(jnp.float32)
 
     def shifted_inputs(self, action: Array) -> Array:
         """(..., A[, d]) -> (..., A, C): agent 0 gets the start token, agent j agent j-1's action."""
-        axis = action.ndim - (1 if self.discrete else 2)  # the agent axis
-        previous = jax.lax.slice_in_dim(self.action_input(action), 0, self.spec.num_agents - 1, axis=axis)
-        start = jnp.expand_dims(self.start_input(action.shape[:axis]), axis)
-        return jnp.concatenate([start, previous], axis=axis)
+        return shift_tokens(self.spec, self.action_input(action))
 
     # ---- init / memory
 
@@ -375,16 +360,25 @@ class _Sable(NamedTuple):
 
     # ---- recurrent form
 
-    def act(self, params: Any, hidden: SableHidden, obs: Observation, reset: Array, key: Array,
-            greedy: bool) -> tuple[SableHidden, Array, Array, Array]:
+    def encode_step(self, params: Any, hidden: SableHidden, obs: Observation,
+                    reset: Array) -> tuple[SableHidden, Array, Array, Array]:
+        """One step's encoder: (memory the step's tokens see, representations, values, encoder memory after)."""
         memory = self.next_step_memory(hidden, reset)
         enc_mixes = [step_mixer(memory.encoder[:, b]) for b in range(self.config.n_block)]
         obs_rep, value, enc_memory = self.net.apply(params, self.inputs(obs), obs.step_count, enc_mixes,
                                                     method=SableNet.encode)
+        return memory, obs_rep, value, enc_memory
+
+    def value(self, params: Any, hidden: SableHidden, obs: Observation, reset: Array) -> Array:
+        return self.encode_step(params, hidden, obs, reset)[2]
+
+    def act(self, params: Any, hidden: SableHidden, obs: Observation, reset: Array, key: Array,
+            greedy: bool) -> tuple[SableHidden, Array, Array, Array]:
+        memory, obs_rep, value, enc_memory = self.encode_step(params, hidden, obs, reset)
         agent_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731  (B, A, ...) -> (A, B, ...)
         xs = (agent_major(obs_rep), agent_major(obs.step_count), agent_major(obs.action_mask),
               jax.random.split(key, self.spec.num_agents))
-        carry = (memory.decoder_self, memory.decoder_cross, self.start_input(reset.shape))
+        carry = (memory.decoder_self, memory.decoder_cross, start_token(self.spec, reset.shape))
 
         def one_agent(carry: tuple, x: tuple) -> tuple[tuple, tuple[Array, Array]]:
             self_mem, cross_mem, prev = carry
@@ -446,7 +440,7 @@ def make_sable(spec: EnvSpec, embed_dim: int = 64, n_block: int = 1, n_head: int
     """Sable behind ``JointNets`` (recurrent; ``init_hidden((B,))`` gives a zero ``SableHidden``)."""
     sable = _build(spec, SableConfig(embed_dim, n_block, n_head, decay_scaling_factor, add_agent_id,
                                      positional_encoding))
-    return JointNets(init=sable.init, init_hidden=sable.init_hidden, act=sable.act, train=sable.train,
+    return JointNets(init=sable.init, init_hidden=sable.init_hidden, act=sable.act, value=sable.value, train=sable.train,
                      recurrent=True)
 
 

@@ -69,21 +69,6 @@ class Joint(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # Rollout
 # ----------------------------------------------------------------------------------------------
-def zero_action(spec: EnvSpec, batch_shape: tuple[int, ...]) -> Array:
-    if spec.action_kind == "discrete":
-        return jnp.zeros(batch_shape + (spec.num_agents,), jnp.int32)
-    return jnp.zeros(batch_shape + (spec.num_agents, spec.num_actions), jnp.float32)
-
-
-def joint_value(nets: JointNets, spec: EnvSpec, params: Any, hidden: Any, obs: Observation, reset: Array) -> Array:
-    """Every agent's value of one step's observation (B, A): the encoder's, through a one-step
-    teacher-forced pass (the values do not depend on the actions)."""
-    batch_shape = obs.action_mask.shape[:-2]
-    value, _ = nets.train(params, hidden, jax.tree.map(lambda x: x[None], obs), reset[None],
-                          zero_action(spec, batch_shape)[None])
-    return value[0]
-
-
 def joint_rollout(jt: Joint, params: Any, env_state: VecState, timestep: TimeStep, hidden: Any, key: Array,
                   length: int) -> tuple[VecState, TimeStep, Any, Transition, EpisodeStats]:
     """``length`` steps of every env with the joint policy; returns (T, E, A, ...) data."""
@@ -95,7 +80,7 @@ def joint_rollout(jt: Joint, params: Any, env_state: VecState, timestep: TimeSte
         obs, reset = timestep.observation, episode_start(timestep)
         hidden, action, log_prob, value = nets.act(params, hidden, obs, reset, act_key, False)
         env_state, next_timestep, info = jt.vec_env.step(env_state, env_action(spec, action), reset_key)
-        next_value = joint_value(nets, spec, params, hidden, info.real_next_obs, jnp.zeros_like(reset))
+        next_value = nets.value(params, hidden, info.real_next_obs, jnp.zeros_like(reset))
         transition = Transition(obs=obs, reset=reset, action=action, log_prob=log_prob, value=value,
                                 next_value=next_value, reward=next_timestep.reward,
                                 discount=next_timestep.discount, done=next_timestep.last())

@@ -38,6 +38,7 @@ def test_autoregressive_sampling_matches_the_teacher_forced_pass(kind):
     train_value, head = nets.train(params, None, obs, None, action)
     np.testing.assert_allclose(make_distribution(spec, head).log_prob(action), log_prob, atol=1e-5)
     np.testing.assert_allclose(train_value, value, atol=1e-6)
+    np.testing.assert_allclose(nets.value(params, None, obs, None), value, atol=1e-6)  # the encoder-only path
     if kind == "discrete":  # illegal actions are never sampled
         assert bool(jnp.all(jnp.take_along_axis(obs.action_mask, action[..., None], -1)))
 

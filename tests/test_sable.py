@@ -116,6 +116,19 @@ def test_act_steps_equal_parallel_train(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_value_alone_equals_the_value_act_gives(kind):
+    """``value`` (the rollout's bootstrap) runs the encoder only; it must match ``act`` on the same step,
+    from a warm memory, where one env starts an episode and the other continues."""
+    spec, nets, params, _, _ = setup(kind)
+    hidden = warm_memory(kind)
+    reset = np.array([False, True])
+    obs = jax.tree.map(lambda x: x[0], observations(spec, reset[None], seed=9))
+    _, _, _, act_value = nets.act(params, hidden, obs, jnp.asarray(reset), jax.random.PRNGKey(0), False)
+    np.testing.assert_allclose(np.asarray(nets.value(params, hidden, obs, jnp.asarray(reset))),
+                               np.asarray(act_value), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_greedy_act_takes_the_mode(kind):
     spec, _, params, train, rollout = setup(kind)
     hidden = warm_memory(kind)

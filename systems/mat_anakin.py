@@ -50,7 +50,8 @@ class MATConfig(PPOConfig):
         require(self.embed_dim % self.n_head == 0, f"{prefix}.embed_dim", self.embed_dim,
                 f"must be divisible by system.n_head ({self.n_head})")
         require(self.recurrent_chunk_size is None, f"{prefix}.recurrent_chunk_size", self.recurrent_chunk_size,
-                "must be null: MAT has no memory")
+                "must be null: joint policies train on whole rollouts (MAT has no memory; Sable re-runs each env's "
+                "rollout from the memory it started with)")
 
 
 CONFIG = MATConfig

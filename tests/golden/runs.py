@@ -55,7 +55,22 @@ def final_params(system: str, kind: str, sharing: str, results_dir: str = "/tmp/
 
 
 def machine() -> str:
-    return f"{platform.machine()} {platform.processor()} jax {jax.__version__}"
+    """The CPU model and the vector extensions XLA's CPU code generation depends on, and jax's
+    version: two machines with the same string give bit-identical runs (``platform.processor()``
+    is empty on Linux, so it alone told an AVX-512 machine from an AVX2 one apart by nothing)."""
+    model, flags = platform.processor(), set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = "+".join(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile") if f in flags)
+    return f"{platform.machine()} {model} {isa} jax {jax.__version__}"
 
 
 def record(only: list[str] | None = None) -> None:

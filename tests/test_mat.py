@@ -73,6 +73,7 @@ def test_greedy_acting_is_deterministic():
     np.testing.assert_array_equal(a1, a2)
 
 
+@pytest.mark.slow  # 2-core CI budget; the joint-policy pmean step is covered by test_magpo's two-device test
 def test_two_devices_keep_identical_mat_parameters(tmp_results):
     settings = small_settings("mat", MATConfig, ["arch.num_envs=8", "system.rollout_length=16",
                                                  "arch.total_timesteps=512", "arch.num_devices=2",

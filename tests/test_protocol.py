@@ -23,6 +23,7 @@ def returns_of(entry: dict) -> dict:
                    for key, value in runs.items()} for seed, runs in entry.items()}
 
 
+@pytest.mark.slow  # 2-core CI budget; continuing a stopped run is covered by test_sweep's resume and test_run_management
 def test_a_sweep_runs_each_pair_once_and_continues_where_it_stopped(tmp_path, capsys):
     out = str(tmp_path / "sweep")
     argv = ["--preset", "smoke", "--systems", "mappo", "ippo", "--tasks", TASK, "--out", out, "--max-runs", "1",

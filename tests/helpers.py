@@ -45,3 +45,14 @@ def assert_same_metrics(got, want, names=("actor_loss", "value_loss", "entropy",
 
     for name in names:
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+def assert_identical_on_devices(tree) -> None:
+    """Every leaf of a replicated pytree holds bit-identical data on each of its devices."""
+    import jax
+    import numpy as np
+
+    for leaf in jax.tree.leaves(tree):
+        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+        for shard in shards[1:]:
+            np.testing.assert_array_equal(shards[0], shard)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import compose_config
-from helpers import small_settings
+from helpers import assert_identical_on_devices, small_settings
 
 from envs.types import EnvSpec, Observation
 from envs.vector import AutoResetVecEnv
@@ -189,9 +189,7 @@ def test_two_devices_keep_identical_parameters(tmp_results):
     for metrics in result.train_metrics:
         for name in ("guider_total_loss", "learner_total_loss", "learner_bc_loss"):
             assert np.all(np.isfinite(metrics[name])), name
-    for leaf in jax.tree.leaves(result.learner_state.params):
-        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
-        np.testing.assert_array_equal(shards[0], shards[1])
+    assert_identical_on_devices(result.learner_state.params)
     assert not np.any(np.asarray(result.learner_state.hidden.learner))
     assert np.any(np.asarray(jax.tree.leaves(result.learner_state.hidden.guider)[0]))
 

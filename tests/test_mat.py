@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_settings
+from helpers import assert_identical_on_devices, small_settings
 
 from envs.types import EnvSpec, Observation
 from networks.distributions import make_distribution
@@ -82,9 +82,7 @@ def test_two_devices_keep_identical_mat_parameters(tmp_results):
     for metrics in result.train_metrics:
         for name in ("actor_loss", "value_loss", "entropy"):
             assert np.all(np.isfinite(metrics[name])), name
-    for leaf in jax.tree.leaves(result.learner_state.params):
-        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
-        np.testing.assert_array_equal(shards[0], shards[1])
+    assert_identical_on_devices(result.learner_state.params)
 
 
 def test_mat_refuses_a_recurrent_chunk_and_a_bad_head_count(tmp_results):

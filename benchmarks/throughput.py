@@ -1,4 +1,5 @@
-"""Training throughput of IPPO and MAPPO next to the env-only ceiling, plus compile time.
+"""Training throughput of IPPO and MAPPO (and, with ``--systems``, MAT, Sable and MAGPO) next to the
+env-only ceiling, plus compile time.
 
 For each env/task, number of envs and device count: steps/s of the full training loop (rollout +
 GAE + 4 epochs x 2 minibatches, Mava's ff_mappo hyperparameters) and steps/s of the same env batch
@@ -10,6 +11,8 @@ measured separately and excluded from steps/s. Medians over repeats.
     python benchmarks/throughput.py --tasks smax/3m --envs 256 --devices 1
     python benchmarks/throughput.py --tasks smax/3m smax/2s3z rware/tiny-2ag --envs 64 128 --devices 1 \
         --networks ff rnn --name throughput_rnn   # recurrent rows next to feed-forward ones
+    python benchmarks/throughput.py --tasks lbf/8x8-2p-2f-coop coordsum/3x10 --envs 128 --devices 2 \
+        --networks rnn --systems mappo sable magpo --equal-work --name throughput_joint
 
 Tasks: rware tiny-2ag, lbf 8x8-2p-2f-coop, con-5x5x3a at 128/512/1024 envs; with the jaxmarl extra
 also smax 3m, 2s3z and mpe simple_spread_3ag (continuous) at the smallest and largest env count.
@@ -49,6 +52,9 @@ TASKS = [("rware", "tiny-2ag"), ("lbf", "8x8-2p-2f-coop"), ("connector", "con-5x
 # JaxMARL tasks (optional extra ``.[jaxmarl]``): SMAX with heuristic enemies, MPE continuous actions.
 JAXMARL_TASKS = [("smax", "3m"), ("smax", "2s3z"), ("mpe", "simple_spread_3ag")]
 # Mava ff_mappo on this machine (joint env steps/s, Mava's defaults, 128 envs x update batch 2).
+# Systems a row may hold, in column order (--systems); joint-policy systems ignore network=mlp/rnn except
+# magpo, whose learner is the network.* actor.
+SYSTEMS = ("ippo", "mappo", "mat", "sable", "magpo")
 MAVA_REFERENCE = {("rware", 1): 10_900, ("lbf", 1): 18_000, ("rware", 2): 18_200, ("lbf", 2): 26_700}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -139,27 +145,40 @@ def env_only_throughput(settings, repeats: int) -> float:
 
 def markdown(rows: list[dict], networks: bool = False, all_rows: Optional[list[dict]] = None) -> str:
     """The table; with ``networks`` a network column and mappo's steps/s relative to the
-    feed-forward row of the same task, envs and devices (found in ``all_rows``, default ``rows``)."""
+    feed-forward row of the same task, envs and devices (found in ``all_rows``, default ``rows``).
+    Systems other than ippo/mappo (``--systems``) add their steps/s and their ratio to mappo's."""
     all_rows = rows if all_rows is None else all_rows
+    systems = [s for s in SYSTEMS if any(s in r for r in rows)]
+    extra = [s for s in systems if s not in ("ippo", "mappo")]
     head = "| env/task | envs | devices |" + (" network |" if networks else "")
     lines = [
-        head + " env-only steps/s | ippo steps/s | mappo steps/s | mappo / env-only "
-        "| mappo / Mava |" + (" mappo / ff mappo |" if networks else "") + " compile ippo, mappo (s) |",
-        "|---|---:|---:|" + ("---|" if networks else "") + "---:|---:|---:|---:|---:|" + ("---:|" if networks else "") + "---:|",
+        head + " env-only steps/s |" + "".join(f" {s} steps/s |" for s in systems) + " mappo / env-only "
+        "| mappo / Mava |" + (" mappo / ff mappo |" if networks else "") + "".join(f" {s} / mappo |" for s in extra)
+        + f" compile {', '.join(systems)} (s) |",
+        "|---|---:|---:|" + ("---|" if networks else "") + "---:|" * (len(systems) + 4 + len(extra))
+        + ("---:|" if networks else ""),
     ]
+
+    def rate(r: dict, s: str) -> str:
+        return f"{r[s]['steps_per_second']:,.0f}" if s in r else "-"
+
+    def over_mappo(r: dict, s: str) -> str:
+        return f"{r[s]['steps_per_second'] / r['mappo']['steps_per_second']:.2f}x" if s in r and "mappo" in r else "-"
+
     for r in rows:
         network = r.get("network", "ff")
         mava = MAVA_REFERENCE.get((r["env"], r["devices"])) if network == "ff" else None
-        ratio = f"{r['mappo']['steps_per_second'] / mava:.2f}x" if mava else "-"
-        ff = next((f for f in all_rows if f.get("network", "ff") == "ff" and
+        mappo = r["mappo"]["steps_per_second"] if "mappo" in r else None
+        ratio = f"{mappo / mava:.2f}x" if mava and mappo else "-"
+        ff = next((f for f in all_rows if f.get("network", "ff") == "ff" and "mappo" in f and
                    (f["env"], f["task"], f["num_envs"], f["devices"]) == (r["env"], r["task"], r["num_envs"], r["devices"])), None)
-        vs_ff = f"{r['mappo']['steps_per_second'] / ff['mappo']['steps_per_second']:.2f}x" if ff else "-"
+        vs_ff = f"{mappo / ff['mappo']['steps_per_second']:.2f}x" if ff and mappo else "-"
         lines.append(
             f"| {r['env']}/{r['task']} | {r['num_envs']} | {r['devices']} | " + (f"{network} | " if networks else "")
-            + f"{r['env_only']:,.0f} | "
-            f"{r['ippo']['steps_per_second']:,.0f} | {r['mappo']['steps_per_second']:,.0f} | "
-            f"{r['mappo']['steps_per_second'] / r['env_only']:.2f} | {ratio} | " + (f"{vs_ff} | " if networks else "")
-            + f"{r['ippo']['compile_seconds']:.1f}, {r['mappo']['compile_seconds']:.1f} |"
+            + f"{r['env_only']:,.0f} | " + "".join(f"{rate(r, s)} | " for s in systems)
+            + (f"{mappo / r['env_only']:.2f} | " if mappo else "- | ") + f"{ratio} | " + (f"{vs_ff} | " if networks else "")
+            + "".join(f"{over_mappo(r, s)} | " for s in extra)
+            + ", ".join(f"{r[s]['compile_seconds']:.1f}" if s in r else "-" for s in systems) + " |"
         )
     return "\n".join(lines)
 
@@ -190,6 +209,11 @@ def main() -> None:
     parser.add_argument("--networks", nargs="*", default=["ff"], type=network_kind,
                         help="network kinds: ff (MLP 128x128), rnn (Mava's GRU layout: 128 -> GRU 128 -> 128), "
                              "rnn:K (the same, trained on K-step sequences: system.recurrent_chunk_size=K)")
+    parser.add_argument("--systems", nargs="*", default=["ippo", "mappo"], choices=SYSTEMS,
+                        help="systems per row (default ippo mappo); mat, sable and magpo train with their own "
+                             "configs at mappo's work per update (--equal-work)")
+    parser.add_argument("--equal-work", action="store_true",
+                        help="every system at Mava's ff_mappo epochs x minibatches (4 x 2)")
     parser.add_argument("--name", default="throughput", help="output file name (results/<name>.{json,md})")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
@@ -212,8 +236,10 @@ def main() -> None:
                 env_only = None
                 for network in args.networks:
                     row = {"env": env, "task": task, "num_envs": num_envs, "devices": devices, "network": network}
-                    for system in ("ippo", "mappo"):
-                        settings = settings_for(system, env, task, num_envs, devices, updates, network_overrides(network))
+                    for system in args.systems:
+                        work = ("system.ppo_epochs=4", "system.num_minibatches=2") if args.equal_work else ()
+                        settings = settings_for(system, env, task, num_envs, devices, updates,
+                                                network_overrides(network) + work)
                         row[system] = training_throughput(settings, repeats)
                     env_only = env_only if env_only is not None else env_only_throughput(settings, repeats)
                     row["env_only"] = env_only

@@ -34,6 +34,11 @@ class SableConfig(MATConfig):
     decay_scaling_factor: float = 0.8  # multiplies every head's decay κ_h (1: Sable's base decays)
     positional_encoding: bool = True  # add the sinusoidal encoding of the env step to q and k
 
+    @property
+    def network_kind(self) -> str:
+        """Sable has a memory: its runs are ``rec_sable_*`` in the marl-eval JSON (as Mava's)."""
+        return "rec"
+
     def check(self, prefix: str) -> None:
         super().check(prefix)
         require(0.0 < self.decay_scaling_factor <= 1.0, f"{prefix}.decay_scaling_factor",

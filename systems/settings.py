@@ -192,10 +192,11 @@ class Settings:
     def algorithm_label(self) -> str:
         """The run's algorithm name in the marl-eval JSON: ``logger.algorithm_name``, else
         ``<ff|rec>_<system>_<shared|separate>`` (Mava's ff/rec prefix, then the parameter sharing, so
-        both variants of one system can share a JSON file and a figure)."""
+        both variants of one system can share a JSON file and a figure). A system whose networks are
+        not ``network.*`` names its kind (``network_kind``: Sable is ``rec`` whatever ``network.kind``)."""
         if self.logger.algorithm_name is not None:
             return str(self.logger.algorithm_name)
-        kind = "rec" if self.network.kind == "rnn" else "ff"
+        kind = getattr(self.system, "network_kind", None) or ("rec" if self.network.kind == "rnn" else "ff")
         return f"{kind}_{self.system.name}_{self.network.parameter_sharing}"
 
     @property

@@ -51,10 +51,10 @@ from utils.logging import atomic_write_text  # noqa: E402
 TASKS = [("rware", "tiny-2ag"), ("lbf", "8x8-2p-2f-coop"), ("connector", "con-5x5x3a")]
 # JaxMARL tasks (optional extra ``.[jaxmarl]``): SMAX with heuristic enemies, MPE continuous actions.
 JAXMARL_TASKS = [("smax", "3m"), ("smax", "2s3z"), ("mpe", "simple_spread_3ag")]
-# Mava ff_mappo on this machine (joint env steps/s, Mava's defaults, 128 envs x update batch 2).
 # Systems a row may hold, in column order (--systems); joint-policy systems ignore network=mlp/rnn except
 # magpo, whose learner is the network.* actor.
 SYSTEMS = ("ippo", "mappo", "mat", "sable", "magpo")
+# Mava ff_mappo on this machine (joint env steps/s, Mava's defaults, 128 envs x update batch 2).
 MAVA_REFERENCE = {("rware", 1): 10_900, ("lbf", 1): 18_000, ("rware", 2): 18_200, ("lbf", 2): 26_700}
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -228,6 +228,7 @@ def main() -> None:
         if importlib.util.find_spec("jaxmarl") is not None:
             plan += [(t, sorted({env_counts[0], env_counts[-1]})) for t in JAXMARL_TASKS]
 
+    work = ("system.ppo_epochs=4", "system.num_minibatches=2") if args.equal_work else ()
     rows = []
     for (env, task), sizes in plan:
         for num_envs in sizes:
@@ -237,7 +238,6 @@ def main() -> None:
                 for network in args.networks:
                     row = {"env": env, "task": task, "num_envs": num_envs, "devices": devices, "network": network}
                     for system in args.systems:
-                        work = ("system.ppo_epochs=4", "system.num_minibatches=2") if args.equal_work else ()
                         settings = settings_for(system, env, task, num_envs, devices, updates,
                                                 network_overrides(network) + work)
                         row[system] = training_throughput(settings, repeats)

@@ -33,7 +33,7 @@ from systems.policy import (ENV_FIELDS, LearnerState, Transition, episode_start,
                             sample_minibatches, sequence_minibatches)
 from systems.ppo import (PPOConfig, TrainMetrics, clipped_value_loss, gae, make_optimiser, normalise, ppo_clip_loss,
                          update_keys)
-from utils.config import require
+from utils.config import positive, require
 from utils.devices import DEVICE_AXIS
 
 
@@ -69,17 +69,17 @@ class Joint(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # Rollout
 # ----------------------------------------------------------------------------------------------
-def joint_rollout(jt: Joint, params: Any, env_state: VecState, timestep: TimeStep, hidden: Any, key: Array,
+def joint_rollout(nets: JointNets, spec: EnvSpec, vec_env: AutoResetVecEnv, params: Any, env_state: VecState,
+                  timestep: TimeStep, hidden: Any, key: Array,
                   length: int) -> tuple[VecState, TimeStep, Any, Transition, EpisodeStats]:
-    """``length`` steps of every env with the joint policy; returns (T, E, A, ...) data."""
-    nets, spec = jt.nets, jt.spec
+    """``length`` steps of every env with the joint policy ``nets``; returns (T, E, A, ...) data."""
 
     def env_step(carry: tuple[VecState, TimeStep, Any], step_key: Array) -> tuple[Any, Any]:
         env_state, timestep, hidden = carry
         act_key, reset_key = jax.random.split(step_key)
         obs, reset = timestep.observation, episode_start(timestep)
         hidden, action, log_prob, value = nets.act(params, hidden, obs, reset, act_key, False)
-        env_state, next_timestep, info = jt.vec_env.step(env_state, env_action(spec, action), reset_key)
+        env_state, next_timestep, info = vec_env.step(env_state, env_action(spec, action), reset_key)
         next_value = nets.value(params, hidden, info.real_next_obs, jnp.zeros_like(reset))
         transition = Transition(obs=obs, reset=reset, action=action, log_prob=log_prob, value=value,
                                 next_value=next_value, reward=next_timestep.reward,
@@ -130,7 +130,8 @@ def update_step(jt: Joint, state: LearnerState) -> tuple[LearnerState, dict[str,
     cfg = jt.cfg
     key, rollout_key, epoch_key = update_keys(state.key)
     env_state, timestep, hidden, traj, episodes = joint_rollout(
-        jt, state.params.policy, state.env_state, state.timestep, state.hidden, rollout_key, cfg.rollout_length)
+        jt.nets, jt.spec, jt.vec_env, state.params.policy, state.env_state, state.timestep, state.hidden, rollout_key,
+        cfg.rollout_length)
     advantage, target = gae(traj.reward, traj.value, traj.next_value, traj.discount, traj.done,
                             cfg.gamma, cfg.gae_lambda)
     start = None if state.hidden is None else jax.tree.map(lambda h: h[None], state.hidden)
@@ -162,6 +163,16 @@ def make_joint_act(nets: JointNets, spec: EnvSpec) -> Callable:
         return env_action(spec, action), hidden
 
     return act
+
+
+def check_joint_sizes(cfg: Any, prefix: str) -> None:
+    """``embed_dim``, ``n_block``, ``n_head`` and ``decay_scaling_factor`` of a MAT/Sable config."""
+    for key in ("embed_dim", "n_block", "n_head"):
+        positive(f"{prefix}.{key}", getattr(cfg, key))
+    require(cfg.embed_dim % cfg.n_head == 0, f"{prefix}.embed_dim", cfg.embed_dim,
+            f"must be divisible by system.n_head ({cfg.n_head})")
+    decay = getattr(cfg, "decay_scaling_factor", None)
+    require(decay is None or 0.0 < decay <= 1.0, f"{prefix}.decay_scaling_factor", decay, "must be in (0, 1]")
 
 
 def check_joint_minibatches(settings: Any, recurrent: bool) -> None:

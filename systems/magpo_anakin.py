@@ -46,19 +46,19 @@ from omegaconf import DictConfig
 
 from envs.types import EnvSpec, TimeStep
 from envs.vector import AutoResetVecEnv, VecState
-from networks import env_action, make_distribution
+from networks import make_distribution
 from networks.joint import JointNets
-from networks.mat import make_mat
 from networks.policy import PolicyNets, make_policy_nets, step
-from networks.sable import make_sable
 from systems.anakin import run_from_config
-from systems.contract import EpisodeStats, System, episode_stats
+from systems.contract import EpisodeStats, System
 from systems.gpo import guider_kl, guider_loss, learner_kl, learner_loss_and_metrics
-from systems.joint_ppo import check_joint_minibatches
-from systems.policy import (ENV_FIELDS, LearnerState, Transition, episode_start, epochs_of_minibatches, make_act_fn,
+from systems.joint_ppo import check_joint_minibatches, check_joint_sizes, joint_rollout
+from systems.mat_anakin import mat_nets
+from systems.policy import (ENV_FIELDS, LearnerState, Transition, epochs_of_minibatches, make_act_fn,
                             sample_minibatches, sequence_minibatches)
 from systems.ppo import PPOConfig, gae, make_optimiser, normalise, update_keys
-from utils.config import positive, require
+from systems.sable_anakin import sable_nets
+from utils.config import require
 from utils.devices import DEVICE_AXIS
 
 
@@ -99,12 +99,7 @@ class MAGPOConfig(PPOConfig):
                 "must be > 1, or null for no band (vanilla CTDS)")
         require(self.alpha >= 0.0 and math.isfinite(self.alpha), f"{prefix}.alpha", self.alpha,
                 "must be a finite number >= 0")
-        for key in ("embed_dim", "n_block", "n_head"):
-            positive(f"{prefix}.{key}", getattr(self, key))
-        require(self.embed_dim % self.n_head == 0, f"{prefix}.embed_dim", self.embed_dim,
-                f"must be divisible by system.n_head ({self.n_head})")
-        require(0.0 < self.decay_scaling_factor <= 1.0, f"{prefix}.decay_scaling_factor",
-                self.decay_scaling_factor, "must be in (0, 1]")
+        check_joint_sizes(self, prefix)
         require(self.recurrent_chunk_size is None, f"{prefix}.recurrent_chunk_size", self.recurrent_chunk_size,
                 "must be null: MAGPO trains on whole rollouts (the guider's memory is kept at rollout starts only)")
 
@@ -151,29 +146,30 @@ class MAGPO(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # Rollout: the guider acts, the learner's GRU follows
 # ----------------------------------------------------------------------------------------------
-def magpo_rollout(mg: MAGPO, params: MAGPOParams, env_state: VecState, timestep: TimeStep, hidden: MAGPOHidden,
-                  key: Array, length: int) -> tuple[VecState, TimeStep, MAGPOHidden, Transition, EpisodeStats]:
-    """``length`` steps of every env with the guider's joint actions; returns (T, E, A, ...) data."""
+def acting_nets(mg: MAGPO) -> JointNets:
+    """The guider as the rollout's joint policy with the learner's GRU following it on the same
+    observations (``carry_learner_hidden``): its parameters are ``MAGPOParams``, its memory
+    ``MAGPOHidden``; values and the truncation bootstrap are the guider's."""
     step_learner = mg.learner.recurrent and mg.cfg.carry_learner_hidden
 
-    def env_step(carry: tuple[VecState, TimeStep, MAGPOHidden], step_key: Array) -> tuple[Any, Any]:
-        env_state, timestep, hidden = carry
-        act_key, reset_key = jax.random.split(step_key)
-        obs, reset = timestep.observation, episode_start(timestep)
-        guider_h, action, log_prob, value = mg.guider.act(params.guider, hidden.guider, obs, reset, act_key, False)
+    def act(params: MAGPOParams, hidden: MAGPOHidden, obs: Any, reset: Array, key: Array,
+            greedy: bool) -> tuple[MAGPOHidden, Array, Array, Array]:
+        guider_h, action, log_prob, value = mg.guider.act(params.guider, hidden.guider, obs, reset, key, greedy)
         learner_h = hidden.learner
         if step_learner:
             learner_h, _ = step(mg.learner, mg.learner.actor, params.learner, learner_h, obs, reset)
-        env_state, next_timestep, info = mg.vec_env.step(env_state, env_action(mg.spec, action), reset_key)
-        next_value = mg.guider.value(params.guider, guider_h, info.real_next_obs, jnp.zeros_like(reset))
-        transition = Transition(obs=obs, reset=reset, action=action, log_prob=log_prob, value=value,
-                                next_value=next_value, reward=next_timestep.reward,
-                                discount=next_timestep.discount, done=next_timestep.last())
-        return (env_state, next_timestep, MAGPOHidden(guider_h, learner_h)), (transition, episode_stats(info))
+        return MAGPOHidden(guider_h, learner_h), action, log_prob, value
 
-    (env_state, timestep, hidden), (traj, stats) = jax.lax.scan(
-        env_step, (env_state, timestep, hidden), jax.random.split(key, length))
-    return env_state, timestep, hidden, traj, jax.tree.map(jnp.sum, stats)
+    def value(params: MAGPOParams, hidden: MAGPOHidden, obs: Any, reset: Array) -> Array:
+        return mg.guider.value(params.guider, hidden.guider, obs, reset)
+
+    return mg.guider._replace(act=act, value=value)
+
+
+def magpo_rollout(mg: MAGPO, params: MAGPOParams, env_state: VecState, timestep: TimeStep, hidden: MAGPOHidden,
+                  key: Array, length: int) -> tuple[VecState, TimeStep, MAGPOHidden, Transition, EpisodeStats]:
+    """``length`` steps of every env with the guider's joint actions; returns (T, E, A, ...) data."""
+    return joint_rollout(acting_nets(mg), mg.spec, mg.vec_env, params, env_state, timestep, hidden, key, length)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,10 +243,8 @@ def is_recurrent(mg: MAGPO) -> bool:
 # Assembling the system
 # ----------------------------------------------------------------------------------------------
 def make_guider(cfg: MAGPOConfig, spec: EnvSpec) -> JointNets:
-    if cfg.guider == "mat":
-        return make_mat(spec, cfg.embed_dim, cfg.n_block, cfg.n_head, cfg.add_agent_id)
-    return make_sable(spec, cfg.embed_dim, cfg.n_block, cfg.n_head, cfg.decay_scaling_factor, cfg.add_agent_id,
-                      cfg.positional_encoding)
+    """The guider of ``system.guider``, sized by the same keys as the MAT and Sable systems."""
+    return mat_nets(cfg, spec) if cfg.guider == "mat" else sable_nets(cfg, spec)
 
 
 def check_minibatches(settings: Any, recurrent: bool) -> None:

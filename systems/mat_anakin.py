@@ -21,9 +21,9 @@ from omegaconf import DictConfig
 
 from networks.mat import make_mat
 from systems.anakin import run_from_config
-from systems.joint_ppo import make_joint_system
+from systems.joint_ppo import check_joint_sizes, make_joint_system
 from systems.ppo import PPOConfig
-from utils.config import positive, require
+from utils.config import require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +45,7 @@ class MATConfig(PPOConfig):
 
     def check(self, prefix: str) -> None:
         super().check(prefix)
-        for key in ("embed_dim", "n_block", "n_head"):
-            positive(f"{prefix}.{key}", getattr(self, key))
-        require(self.embed_dim % self.n_head == 0, f"{prefix}.embed_dim", self.embed_dim,
-                f"must be divisible by system.n_head ({self.n_head})")
+        check_joint_sizes(self, prefix)
         require(self.recurrent_chunk_size is None, f"{prefix}.recurrent_chunk_size", self.recurrent_chunk_size,
                 "must be null: joint policies train on whole rollouts (MAT has no memory; Sable re-runs each env's "
                 "rollout from the memory it started with)")
@@ -57,10 +54,13 @@ class MATConfig(PPOConfig):
 CONFIG = MATConfig
 
 
+def mat_nets(cfg, spec):
+    """MAT of the sizes ``cfg`` (a system config with MAT's keys) names."""
+    return make_mat(spec, cfg.embed_dim, cfg.n_block, cfg.n_head, cfg.add_agent_id)
+
+
 def build(settings, spec, vec_env):
-    cfg = settings.system
-    nets = make_mat(spec, cfg.embed_dim, cfg.n_block, cfg.n_head, cfg.add_agent_id)
-    return make_joint_system(settings, spec, vec_env, nets)
+    return make_joint_system(settings, spec, vec_env, mat_nets(settings.system, spec))
 
 
 @hydra.main(config_path="../configs", config_name="mat", version_base=None)

@@ -23,12 +23,12 @@ from networks.sable import make_sable
 from systems.anakin import run_from_config
 from systems.joint_ppo import make_joint_system
 from systems.mat_anakin import MATConfig
-from utils.config import require
 
 
 @dataclasses.dataclass(frozen=True)
 class SableConfig(MATConfig):
-    """``system.*`` keys of Sable: MAT's plus the retention's decay and positional encoding."""
+    """``system.*`` keys of Sable: MAT's plus the retention's decay and positional encoding (checked by
+    ``joint_ppo.check_joint_sizes`` with MAT's)."""
 
     name: str = "sable"
     decay_scaling_factor: float = 0.8  # multiplies every head's decay κ_h (1: Sable's base decays)
@@ -39,20 +39,18 @@ class SableConfig(MATConfig):
         """Sable has a memory: its runs are ``rec_sable_*`` in the marl-eval JSON (as Mava's)."""
         return "rec"
 
-    def check(self, prefix: str) -> None:
-        super().check(prefix)
-        require(0.0 < self.decay_scaling_factor <= 1.0, f"{prefix}.decay_scaling_factor",
-                self.decay_scaling_factor, "must be in (0, 1]")
-
 
 CONFIG = SableConfig
 
 
-def build(settings, spec, vec_env):
-    cfg = settings.system
-    nets = make_sable(spec, cfg.embed_dim, cfg.n_block, cfg.n_head, cfg.decay_scaling_factor, cfg.add_agent_id,
+def sable_nets(cfg, spec):
+    """Sable of the sizes ``cfg`` (a system config with Sable's keys) names."""
+    return make_sable(spec, cfg.embed_dim, cfg.n_block, cfg.n_head, cfg.decay_scaling_factor, cfg.add_agent_id,
                       cfg.positional_encoding)
-    return make_joint_system(settings, spec, vec_env, nets)
+
+
+def build(settings, spec, vec_env):
+    return make_joint_system(settings, spec, vec_env, sable_nets(settings.system, spec))
 
 
 @hydra.main(config_path="../configs", config_name="sable", version_base=None)

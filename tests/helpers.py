@@ -47,12 +47,15 @@ def assert_same_metrics(got, want, names=("actor_loss", "value_loss", "entropy",
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), rtol=2e-4, atol=2e-5, err_msg=name)
 
 
-def assert_identical_on_devices(tree) -> None:
-    """Every leaf of a replicated pytree holds bit-identical data on each of its devices."""
+def assert_identical_on_devices(tree, devices: int | None = None, err_msg: str = "") -> None:
+    """Every leaf of a replicated pytree holds bit-identical data on each of its devices (and, with
+    ``devices``, on exactly that many)."""
     import jax
     import numpy as np
 
     for leaf in jax.tree.leaves(tree):
         shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+        if devices is not None:
+            assert len(shards) == devices, (len(shards), err_msg)
         for shard in shards[1:]:
-            np.testing.assert_array_equal(shards[0], shard)
+            np.testing.assert_array_equal(shards[0], shard, err_msg=err_msg)

@@ -18,7 +18,7 @@ from systems import a2po_anakin, b2mapo_anakin, coppo_anakin
 from systems.anakin import init_learner_states, make_update_chunk, shard_state
 from systems.stages import ScheduleContext, StageConfig, schedule_score
 from utils.devices import DEVICE_AXIS, make_mesh
-from helpers import small_settings
+from helpers import assert_identical_on_devices, small_settings
 
 LOWER = ["system.advantage=preopc", "system.adaptive_clip=true", "system.critic_update=stage",
          "system.others_clip_eps=0.1", "system.ppo_epochs=2", "network.parameter_sharing=separate"]
@@ -90,9 +90,7 @@ def test_learned_partition_trains_every_network_and_agrees_across_devices(tmp_re
     state = shard_state(before, mesh, system.env_fields)
     after, metrics = make_update_chunk(system, settings, mesh, state)(state)
     for name in after.params._fields:
-        for leaf, old in zip(jax.tree.leaves(getattr(after.params, name)), jax.tree.leaves(getattr(before.params, name))):
-            shards = [np.asarray(s.data) for s in leaf.addressable_shards]
-            np.testing.assert_array_equal(shards[0], shards[1], err_msg=name)
+        assert_identical_on_devices(getattr(after.params, name), err_msg=name)
         assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
                    zip(jax.tree.leaves(getattr(after.params, name)), jax.tree.leaves(getattr(before.params, name)))), name
     batches = np.asarray(metrics["num_batches"])

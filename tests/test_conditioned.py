@@ -17,7 +17,7 @@ from networks.dag import levels, num_levels
 from systems import b2mapo_anakin
 from systems.anakin import init_learner_states, make_update_chunk, shard_state
 from utils.devices import make_mesh
-from helpers import small_settings
+from helpers import assert_identical_on_devices, small_settings
 
 LOWER = ["system.advantage=preopc", "system.adaptive_clip=true", "system.critic_update=stage",
          "system.others_clip_eps=0.1", "system.ppo_epochs=2", "network.parameter_sharing=separate",
@@ -144,9 +144,7 @@ def test_conditioned_training_moves_every_network_identically_on_two_devices(tmp
     after, metrics = make_update_chunk(system, settings, mesh, state)(state)
     for name in after.params._fields:
         new, old = jax.tree.leaves(getattr(after.params, name)), jax.tree.leaves(getattr(before.params, name))
-        for leaf in new:
-            shards = [np.asarray(s.data) for s in leaf.addressable_shards]
-            np.testing.assert_array_equal(shards[0], shards[1], err_msg=name)
+        assert_identical_on_devices(getattr(after.params, name), err_msg=name)
         assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(new, old)), name
     # the acting DAG is the last update's schedule DAG
     acting = jax.device_get(after.extras.dag)

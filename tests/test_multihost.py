@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import small_settings
+from helpers import assert_identical_on_devices, small_settings
 from systems.anakin import run
 from systems.mappo_anakin import build as make_ppo_system
 from systems.ppo import PPOConfig
@@ -58,10 +58,7 @@ def one_process_with_two_devices(tmp_path):
     assert jax.device_count() == 2, "conftest sets two CPU devices"
     one = run(small_settings("mappo", PPOConfig, OVERRIDES + ["arch.num_devices=2"], str(tmp_path / "one")),
               make_ppo_system, run_dir=str(tmp_path / "one" / "run"), log=lambda _: None)
-    for leaf in jax.tree.leaves(one.learner_state.params):
-        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
-        assert len(shards) == 2
-        np.testing.assert_array_equal(shards[0], shards[1])
+    assert_identical_on_devices(one.learner_state.params, devices=2)
     assert one.learner_state.timestep.observation.agents_view.addressable_shards[0].data.shape[1] == 4
     return one
 

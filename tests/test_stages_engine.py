@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_same_metrics, bypassed_gru_nets, rec_to_ff, small_settings
+from helpers import assert_identical_on_devices, assert_same_metrics, bypassed_gru_nets, rec_to_ff, small_settings
 
 from envs.types import EnvSpec, MarlEnv, Observation, make_timestep, tiled_global_state
 from envs.vector import AutoResetVecEnv
@@ -144,9 +144,7 @@ def test_two_devices_run_the_same_schedule(tmp_results, sharing, continuous, net
     _, after, metrics = run_updates("a2po", a2po_anakin.A2POConfig, a2po_anakin.build,
                                     [f"network.parameter_sharing={sharing}", f"network={network}"], 4,
                                     num_devices=2, updates=2, tmp=tmp_results, continuous=continuous)
-    for leaf in jax.tree.leaves((after.params, after.opt_states)):
-        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
-        np.testing.assert_array_equal(shards[0], shards[1])
+    assert_identical_on_devices((after.params, after.opt_states))
     for name in ("actor_loss", "value_loss", "entropy", "approx_kl"):
         assert np.all(np.isfinite(np.asarray(metrics[name]))), name
     assert float(np.asarray(metrics["approx_kl"]).mean()) > 0

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_settings
+from helpers import assert_identical_on_devices, small_settings
 
 from envs.vector import AutoResetVecEnv
 from systems.anakin import init_learner_states, make_envs, make_update_chunk, run, shard_state
@@ -50,10 +50,7 @@ def test_two_devices_keep_identical_parameters(tmp_results):
     assert jax.device_count() == 2, "conftest sets two CPU devices"
     result = train("mappo", ["arch.num_envs=8", "system.rollout_length=16", "arch.total_timesteps=512",
                              "arch.num_devices=2"], tmp_results)
-    for leaf in jax.tree.leaves(result.learner_state.params):
-        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
-        assert len(shards) == 2
-        np.testing.assert_array_equal(shards[0], shards[1])
+    assert_identical_on_devices(result.learner_state.params, devices=2)
     # The env axis is split: each device holds half of the envs.
     obs = result.learner_state.timestep.observation.agents_view
     assert obs.addressable_shards[0].data.shape[1] == 4

@@ -23,6 +23,6 @@ setup(
     extras_require={
         "jaxmarl": ["jaxmarl==0.2.0"],
         "neptune": ["neptune>=1.10,<2"],
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.2"],
     },
 )

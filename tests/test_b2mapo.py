@@ -168,15 +168,20 @@ def test_generator_ppo_step_makes_a_rewarded_dag_more_likely():
     parts = b2mapo_anakin.Parts(cfg, None, None, None, None, generator, None, None, None)
     opt = b2mapo_anakin.optax.adam(1e-2)
 
+    @jax.jit
     def log_prob(p):
         return dag.dag_log_prob(*generator.apply(p, x), sample.order, sample.adjacency)
+
+    @jax.jit
+    def adam_step(p, s, sign):
+        grads, _ = jax.grad(b2mapo_anakin.generator_loss, has_aux=True)(p, parts, sampled, sign)
+        updates, s = opt.update(grads, s, p)
+        return b2mapo_anakin.optax.apply_updates(p, updates), s
 
     for sign in (1.0, -1.0):
         p, s = params, opt.init(params)
         for _ in range(3):
-            grads, _ = jax.grad(b2mapo_anakin.generator_loss, has_aux=True)(p, parts, sampled, jnp.asarray(sign))
-            updates, s = opt.update(grads, s, p)
-            p = b2mapo_anakin.optax.apply_updates(p, updates)
+            p, s = adam_step(p, s, jnp.asarray(sign))
         assert sign * (float(log_prob(p)) - float(sample.log_prob)) > 0.05
 
 

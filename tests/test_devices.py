@@ -102,6 +102,7 @@ def test_an_uncreatable_cache_folder_turns_the_cache_off(tmp_path):
     assert devices.enable_compilation_cache("off") is None and devices.enable_compilation_cache(False) is None
 
 
+@pytest.mark.slow  # ~50 s on 2 cores; the device choice and the cache are checked above, the CLI by test_multihost
 def test_a_default_cli_run_uses_every_core_and_fills_the_cache(tmp_path):
     cache = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}

@@ -119,15 +119,15 @@ def loop_losses(mg, batch, params_guider, params_learner, fixed):
 
 def test_minibatch_gradients_match_a_loop_over_entries():
     spec, mg = tiny_magpo()
-    params, batch = tiny_batch(spec, mg)
-    _, mu_logits, pi_logits = heads(mg, params, batch)
+    params, batch = jax.jit(lambda: tiny_batch(spec, mg))()  # compiled: eager op-by-op dispatch is slow to compile
+    _, mu_logits, pi_logits = jax.jit(lambda p, b: heads(mg, p, b))(params, batch)
     log_mu = jax.nn.log_softmax(mu_logits)
     log_pi = jax.nn.log_softmax(pi_logits)
     taken = lambda lp: jnp.take_along_axis(lp, batch.action[..., None], -1)[..., 0]  # noqa: E731
     outside = np.abs(np.asarray(taken(log_mu) - taken(log_pi))) > math.log(DELTA)
     assert 0.2 < outside.mean() < 0.9, outside.mean()  # both sides of the band are exercised
 
-    grads, metrics = jax.grad(magpo_loss, has_aux=True)(params, batch, mg)
+    grads, metrics = jax.jit(lambda p, b: jax.grad(magpo_loss, has_aux=True)(p, b, mg))(params, batch)
     common = {"guider": params.guider, "learner": params.learner, "outside": outside}
     guider_ref = jax.jit(jax.grad(lambda g: loop_losses(mg, batch, g, params.learner,
                                                 {**common, "which": "guider", "pi_logits": pi_logits})))(params.guider)
@@ -143,10 +143,11 @@ def test_ctds_losses_drop_the_band_and_the_rl_term():
     """δ = inf, λ = 0: the guider's gradient is plain PPO's (no band, no backtracking KL) and the
     learner's that of the mean KL alone, whatever the advantages."""
     spec, mg = tiny_magpo(delta=None, alpha=0.0)
-    params, batch = tiny_batch(spec, mg)
-    grads, metrics = jax.grad(magpo_loss, has_aux=True)(params, batch, mg)
+    params, batch = jax.jit(lambda: tiny_batch(spec, mg))()
+    loss_grad = jax.jit(lambda p, b: jax.grad(magpo_loss, has_aux=True)(p, b, mg))
+    grads, metrics = loss_grad(params, batch)
     flipped = batch._replace(advantage=-batch.advantage)
-    grads_flipped, _ = jax.grad(magpo_loss, has_aux=True)(params, flipped, mg)
+    grads_flipped, _ = loss_grad(params, flipped)
     for x, y in zip(jax.tree.leaves(grads.learner), jax.tree.leaves(grads_flipped.learner)):
         np.testing.assert_array_equal(x, y)  # the learner ignores the advantages
     assert float(metrics["guider_backtrack_loss"]) == 0.0 and float(metrics["guider_outside_band_fraction"]) == 0.0
@@ -161,8 +162,8 @@ def _rollout(tmp_results, carry):
     env, _ = make_envs(settings)
     vec_env = AutoResetVecEnv(env, 4, 1)
     system = build(settings, env.spec, vec_env)
-    env_state, timestep = vec_env.reset(jax.random.key(0))
-    state = system.init(jax.random.key(1), env_state, timestep)
+    env_state, timestep = jax.jit(vec_env.reset)(jax.random.key(0))
+    state = jax.jit(system.init)(jax.random.key(1), env_state, timestep)
     mg = make_magpo(settings, env.spec, vec_env)
     out = jax.jit(lambda s: magpo_rollout(mg, s.params, s.env_state, s.timestep, s.hidden, jax.random.key(2), 110))(state)
     return mg, state, out
@@ -174,7 +175,7 @@ def test_rollout_carries_the_learner_hidden_state_the_training_pass_recomputes(t
     resets are exercised)."""
     mg, state, (_, _, hidden, traj, _) = _rollout(tmp_results, carry=True)
     assert bool(traj.reset[1:].any())
-    h_train, _ = mg.learner.actor(state.params.learner, state.hidden.learner, traj.obs, traj.reset)
+    h_train, _ = jax.jit(mg.learner.actor)(state.params.learner, state.hidden.learner, traj.obs, traj.reset)
     np.testing.assert_allclose(hidden.learner, h_train, atol=1e-5)
     assert float(jnp.abs(hidden.learner).max()) > 1e-3
 

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-
+from conftest import FAST_COMPILE
 from helpers import assert_identical_on_devices, small_settings
 from systems.anakin import run
 from systems.mappo_anakin import build as make_ppo_system
@@ -33,7 +33,8 @@ def free_port() -> int:
 def launch(run_dir: str, cache: str, extra: list[str] = ()) -> list[str]:
     """Two processes of systems/mappo_anakin.py joined as one run; returns their outputs."""
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    # The in-process reference is compiled with the suite's flags (conftest): the processes use the same ones.
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}", "JAX_PLATFORMS": "cpu"}
     procs = [subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "systems", "mappo_anakin.py"), *OVERRIDES, *extra,
          f"hydra.run.dir={run_dir}", f"logger.base_dir={os.path.dirname(run_dir)}", f"arch.compilation_cache={cache}",

@@ -5,7 +5,10 @@
     python benchmarks/update_breakdown.py --system ippo --env lbf --task 8x8-2p-2f-coop --envs 512
     python benchmarks/update_breakdown.py --network rnn --env smax --task 3m --envs 64
 
-Prints milliseconds per update (median of ``--repeats``) and the equivalent joint env steps/s. For
+Prints milliseconds per update (median of ``--repeats``) and the equivalent joint env steps/s, and
+the networks' matmul weights: each weight is one multiply-add per agent-step and forward pass, so
+their ratio between two networks is the ratio of their compute (XLA's ``cost_analysis`` counts a
+scan's body once, whatever its length, so it cannot give this for recurrent networks). For
 profiling, not a results table: use ``benchmarks/throughput.py`` for the numbers we quote.
 """
 
@@ -41,6 +44,12 @@ def timed(fn, *args, repeats: int) -> float:
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def matmul_weights(params) -> int:
+    """Number of weights in the kernels (2-D and stacked per-agent matrices) of a parameter tree."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(leaf.size for path, leaf in leaves if "kernel" in jax.tree_util.keystr(path))
 
 
 def main() -> None:
@@ -91,6 +100,8 @@ def main() -> None:
           f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches, one device:")
     for name, seconds in rows.items():
         print(f"  {name:<36} {seconds * 1e3:8.1f} ms   {steps / seconds:>12,.0f} steps/s")
+    actor, critic = (matmul_weights(init(jax.random.PRNGKey(0))) for init in (nets.init_actor, nets.init_critic))
+    print(f"  matmul weights (multiply-adds per agent-step and forward pass): actor {actor:,}, critic {critic:,}")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ def test_mappo_learns_lbf(tmp_results):
 
 @pytest.mark.parametrize(
     "config,env,task,sharing",
-    [("ippo", "rware", "tiny-2ag", "separate"), ("mappo", "connector", "con-5x5x3a", "shared"),
-     pytest.param("ippo", "cleaner", "clean-10x10x3a", "shared", marks=pytest.mark.slow)],  # CI budget; its
-    # contract is checked in test_envs_jumanji
+    [pytest.param("ippo", "rware", "tiny-2ag", "separate", marks=pytest.mark.slow),
+     ("mappo", "connector", "con-5x5x3a", "shared"),
+     pytest.param("ippo", "cleaner", "clean-10x10x3a", "shared", marks=pytest.mark.slow)],  # CI budget: the
+    # rware and cleaner contracts are checked in test_envs_jumanji, separate parameters by the golden a2po run
 )
 def test_each_env_family_trains(tmp_results, config, env, task, sharing):
     """A couple of updates per family: finite losses, episodes counted, an evaluation that runs."""

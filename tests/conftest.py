@@ -35,11 +35,9 @@ def pytest_configure(config):
         _OWNED_CACHE.append(root)  # xdist workers inherit the variable and use a folder each inside it
     folder = os.path.join(root, os.environ.get("PYTEST_XDIST_WORKER", "main"))
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder  # what the runs' arch.compilation_cache=auto uses
-    import jax
+    from utils.devices import enable_compilation_cache
 
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    enable_compilation_cache(folder)  # the runs' own cache set-up: every program cached
 
 
 def pytest_unconfigure(config):

@@ -13,6 +13,9 @@ rollout, epochs, minibatches, envs) and separate parameters (mappo too, so the n
   its distribution over whole training runs is in each run's ``schedule.json``); the row
   ``b2mapo blocks (L=2)`` fixes two batches of n/2, the fewest the default cap allows (what the
   generator's batch cost drives towards), so it is the cost of a converged schedule;
+- ``b2mapo group_sizes=max``: every batch trained in ``max_batch_size`` slots (before the
+  power-of-two group sizes, 2026-12-03); ``b2mapo without π_ind``: ``derived_policy=false``, so
+  π_ind's pass is not run (its cost is the difference to ``b2mapo``);
 - sequential optimiser steps per iteration: the actor/critic steps that must run one after the
   other, stages x epochs x minibatches (mappo 1 stage, a2po n, b2mapo L), and b2mapo's extra
   ones (generator epochs + DAG critic + π_ind epochs x minibatches + the KL pass);
@@ -54,6 +57,8 @@ COMMON = ["system.rollout_length=128", "system.ppo_epochs=4", "system.num_miniba
           "network.parameter_sharing=separate"]
 # (row label, system, extra overrides)
 SYSTEMS = [("mappo", "mappo", []), ("a2po", "a2po", []), ("b2mapo", "b2mapo", []),
+           ("b2mapo group_sizes=max", "b2mapo", ["system.group_sizes=max"]),
+           ("b2mapo without π_ind", "b2mapo", ["system.derived_policy=false"]),
            ("b2mapo dag_conditioned", "b2mapo", ["system.joint_policy=dag_conditioned"]),
            ("b2mapo blocks (L=2)", "b2mapo", ["system.partition=blocks", "system.num_blocks=2"])]
 
@@ -205,7 +210,8 @@ def markdown(rows: list[dict[str, Any]], batch: int) -> str:
               "| task | executed policy | batch 1 | batch " + str(batch) + " |", "|---|---|---:|---:|"]
     executed = {"mappo": "mappo: per-agent actors", "a2po": "a2po: per-agent actors",
                 "b2mapo": "b2mapo: π_ind (shared actor)", "b2mapo dag_conditioned": "b2mapo dag_conditioned: π_ind",
-                "b2mapo blocks (L=2)": "b2mapo blocks: π_ind"}
+                "b2mapo blocks (L=2)": "b2mapo blocks: π_ind", "b2mapo group_sizes=max": "b2mapo group_sizes=max: π_ind",
+                "b2mapo without π_ind": "b2mapo without π_ind: π (per-agent actors)"}
     for row in rows:
         lines.append(f"| {row['env']} {row['task']} | {executed[row['system']]} | {row['act_ms_b1']:.3f} | "
                      f"{row[f'act_ms_b{batch}']:.3f} |")

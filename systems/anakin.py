@@ -45,8 +45,8 @@ from systems.sweep import best_summary, ranking, run_values, with_values
 from utils import checkpointing
 from utils.checkpointing import CheckpointError, entry_point
 from utils.config import ConfigError, section, to_container
-from utils.devices import (DEVICE_AXIS, device_note, enable_compilation_cache, initialize_distributed, make_mesh,
-                           same_on_every_process, to_host, use_every_core)
+from utils.devices import (DEVICE_AXIS, SEED_AXIS, device_note, enable_compilation_cache, initialize_distributed,
+                           make_mesh, same_on_every_process, to_host, use_every_core)
 from utils.logging import Console, MarlEvalJson, plot_learning_curve
 from utils.neptune_logger import NeptuneLogger, NeptuneMissingError, start_neptune
 
@@ -162,8 +162,8 @@ def make_update_chunk(system: System, settings: Settings, mesh: Any, example_sta
     def chunk(state: Any, values: Optional[dict[str, Array]] = None) -> tuple[Any, dict[str, Array]]:
         def one_update(state: Any, _: None) -> tuple[Any, dict[str, Array]]:
             if values is None:
-                return jax.vmap(system.update_step)(state)
-            return jax.vmap(swept_step)(state, values)
+                return jax.vmap(system.update_step, axis_name=SEED_AXIS)(state)
+            return jax.vmap(swept_step, axis_name=SEED_AXIS)(state, values)
 
         return jax.lax.scan(one_update, state, None, length=settings.num_updates_per_eval)
 

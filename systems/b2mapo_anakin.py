@@ -17,8 +17,9 @@ established and which choices are ours, each a ``system.*`` key):
 - Lower layer, the stage engine: stage l trains its members with PreOPC advantages over all earlier
   stages, g = clip(ρ_preceding, 1±ε̃) · clip(Π other members' r, 1±ε̃) (``surrogate=a2po_coppo``)
   and the adaptive clip C(ε, k), k = agents updated once the stage is done. Members are gathered
-  into a group of ``max_batch_size`` slots (separate parameters), so a stage of k agents costs
-  about capacity/n of an all-agent update.
+  into a group of slots (separate parameters): the smallest group size that holds them
+  (``group_sizes``: every size up to 8, then powers of two, up to ``max_batch_size``), so a stage
+  of k agents costs about k/n of an all-agent update.
 - π (``joint_policy=independent``): per-agent actors, separate parameters by default; it collects
   the data (``collector=joint``; ``derived``: π_ind collects and π learns off-policy).
   ``joint_policy=dag_conditioned`` (MACPF's residual, ``networks.conditioned``): agent i's head is
@@ -70,12 +71,15 @@ from utils.devices import DEVICE_AXIS
 PARTITIONS = ("dag", "random_dag", "one_batch", "singletons", "semi_greedy", "blocks")
 JOINT_POLICIES = ("independent", "dag_conditioned")
 GEN_REWARDS = ("surrogate", "return_change")
+GROUP_SIZES = ("auto", "pow2", "every", "max")
+EVERY_SIZE_UP_TO = 8  # group_sizes=auto: one compiled stage body per size up to this, then powers of two
 
 
 @dataclasses.dataclass(frozen=True)
 class B2MAPOConfig(StageConfig):
     partition: str = "dag"  # see PARTITIONS
     max_batch_size: Optional[int] = None  # agents gathered per stage; null: ceil(n / 2)
+    group_sizes: str = "auto"  # the slots a stage of k agents runs in: see group_sizes_of
     num_blocks: int = 2  # partition=blocks
     random_edge_prob: float = 0.5  # partition=random_dag
     # the generator (upper layer)
@@ -105,6 +109,7 @@ class B2MAPOConfig(StageConfig):
     def check(self, prefix: str) -> None:
         super().check(prefix)
         one_of(f"{prefix}.partition", self.partition, PARTITIONS)
+        one_of(f"{prefix}.group_sizes", self.group_sizes, GROUP_SIZES)
         one_of(f"{prefix}.gen_update", self.gen_update, ["ppo", "reinforce"])
         one_of(f"{prefix}.gen_reward", self.gen_reward, GEN_REWARDS)
         one_of(f"{prefix}.joint_policy", self.joint_policy, JOINT_POLICIES)
@@ -435,10 +440,27 @@ def capacity_of(cfg: B2MAPOConfig, num_agents: int) -> Optional[int]:
     return None if cap >= num_agents or cfg.partition == "one_batch" else cap
 
 
+def group_sizes_of(kind: str, capacity: Optional[int]) -> Optional[tuple[int, ...]]:
+    """The gather's group sizes for ``system.group_sizes``; a batch of k agents runs in the smallest
+    that holds it. ``every``: 1..cap (k slots: k/n of an all-agent update); ``pow2``: 1, 2, 4, ...,
+    cap (at most 2k slots); ``auto``: every size up to 8, then powers of two; ``max``: cap only.
+    Each size is one compiled stage body (a few seconds of compile each on CPU)."""
+    if capacity is None or kind == "max":
+        return None
+    powers = {min(2 ** i, capacity) for i in range(capacity.bit_length() + 1)}
+    every = set(range(1, capacity + 1))
+    if kind == "every":
+        return tuple(sorted(every))
+    if kind == "auto":
+        return tuple(sorted(powers | set(range(1, min(capacity, EVERY_SIZE_UP_TO) + 1))))
+    return tuple(sorted(powers))
+
+
 def b2mapo_plan(parts: Parts) -> Plan:
     learned = parts.cfg.partition == "dag" and parts.cfg.gen_reward == "surrogate"  # the reward reads the reports
     # Every partition numbers its non-empty batches 0..L-1 (dense: no empty-stage guard needed).
-    return Plan(make_schedule(parts), num_stages=parts.spec.num_agents, capacity=parts.capacity, dense=True,
+    return Plan(make_schedule(parts), num_stages=parts.spec.num_agents, capacity=parts.capacity,
+                group_sizes=group_sizes_of(parts.cfg.group_sizes, parts.capacity), dense=True,
                 reports=learned, after_stages=lambda ctx: after_stages(parts, ctx))
 
 

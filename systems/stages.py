@@ -37,7 +37,8 @@ with a leading agent axis. With ``per_agent_losses`` (the sequential methods) ea
 own optimiser state (``per_agent``: vmapped init/update, own Adam count and gradient-norm clip) and
 its loss is its own mean; a plan with a ``capacity`` C < A gathers a stage's members (up to C) with
 their parameters, optimiser states and data into a fixed-size group and scatters them back (C/A of
-the FLOPs per stage; A2PO/HAPPO: C = 1); otherwise all agents are updated with a vmapped step and
+the FLOPs per stage; A2PO/HAPPO: C = 1; with ``group_sizes`` the smallest size that holds the
+stage's members, one compiled branch per size); otherwise all agents are updated with a vmapped step and
 ``jnp.where(member, new, old)`` selects parameters *and every optimiser-state leaf*. Either way
 non-members stay bit-identical. Without ``per_agent_losses`` (IPPO/MAPPO) the separate agents share
 one joint loss, one normalisation and one global-norm clip, as in Mava; that needs the one-stage plan.
@@ -69,7 +70,7 @@ from systems.policy import (Collected, Network, Params, PolicyModel, check_recur
 from systems.ppo import (PPOConfig, TrainMetrics, clipped_value_errors, gae, make_optimiser, normalise, ppo_clip_loss,
                          reverse_trace_sum, update_keys)
 from utils.config import fail, one_of, positive, require
-from utils.devices import DEVICE_AXIS
+from utils.devices import DEVICE_AXIS, max_over_seeds
 
 SURROGATES = ("none", "happo", "a2po", "coppo", "a2po_coppo")
 ADVANTAGES = ("gae", "preopc")
@@ -178,6 +179,7 @@ class Plan(NamedTuple):
     schedule: Callable[[ScheduleContext], Schedule]
     num_stages: int  # the most stages an iteration can use
     capacity: Optional[int] = None  # separate params: members gathered per stage (1: one agent); None: all
+    group_sizes: Optional[tuple[int, ...]] = None  # the gather's group sizes, ascending, the last = capacity
     cumulative: bool = False  # stage l trains the agents of stages <= l (A2PO's cumulative blocks)
     stage_epochs: Optional[int] = None  # default epochs per stage (None: ppo_epochs)
     reports: bool = False  # return a StageReport per stage (costs one more actor pass per stage)
@@ -421,6 +423,12 @@ class Engine(NamedTuple):
         return self.separate and capacity is not None and capacity < self.spec.num_agents
 
     @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """The gather's group sizes (one compiled stage body each); a stage takes the smallest that
+        holds its members."""
+        return self.plan.group_sizes or (self.plan.capacity,)
+
+    @property
     def critic_in_stage(self) -> bool:
         return self.cfg.critic_update == "stage"
 
@@ -558,8 +566,8 @@ def preceding_log_ratios(eng: Engine, it: Iteration, logp_cur: Array, l: Array) 
     return joint, jax.lax.stop_gradient(joint[..., None] - prec_terms)
 
 
-def local_group(eng: Engine, it: Iteration, member: Array, params: Params, opt_states: Params, data: StageData
-                ) -> tuple[Optional[Array], Optional[Array], Params, Params, StageData, Group]:
+def local_group(eng: Engine, it: Iteration, member: Array, params: Params, opt_states: Params, data: StageData,
+                capacity: Optional[int]) -> tuple[Optional[Array], Optional[Array], Params, Params, StageData, Group]:
     """The stage's local view: (index, valid, params, opt states, data, group). With a gather the
     first ``capacity`` members (in agent order) fill the group's slots; otherwise every agent."""
     cfg, num_agents = eng.cfg, eng.spec.num_agents
@@ -569,7 +577,6 @@ def local_group(eng: Engine, it: Iteration, member: Array, params: Params, opt_s
         keep = member if eng.separate and not full_stage else None
         clip = cfg.clip_eps if it.clip_all is None else it.clip_all
         return None, None, params, opt_states, data, Group(w, keep, clip, num_agents)
-    capacity = eng.plan.capacity
     index = jnp.argsort(~member, stable=True)[:capacity].astype(jnp.int32)
     valid = member[index]
     clip = cfg.clip_eps if it.clip_all is None else it.clip_all[index]
@@ -624,11 +631,26 @@ def stage_report(eng: Engine, it: Iteration, carry: StageCarry, logp_new: Array,
 
 
 def stage_body(eng: Engine, it: Iteration, carry: StageCarry) -> StageCarry:
-    """Stage ``carry.l``: its members' advantage, epochs of minibatches, the log-prob refresh."""
+    """Stage ``carry.l``. With several group sizes, a ``lax.switch`` runs the body of the smallest
+    size that holds the stage's members (the most over the vmapped seeds, so the switch stays one
+    branch), so a stage of k agents costs about k/n of an all-agent update, not capacity/n."""
+    sizes = eng.group_sizes
+    if not eng.gather or len(sizes) == 1:
+        return sized_stage_body(eng, it, eng.plan.capacity if eng.gather else None, carry)
+    count = max_over_seeds(stage_members(eng, it.schedule, carry.l).sum())
+    branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), count.astype(jnp.int32))
+    branches = [lambda c, size=size: sized_stage_body(eng, it, size, c) for size in sizes]
+    return jax.lax.switch(branch, branches, carry)
+
+
+def sized_stage_body(eng: Engine, it: Iteration, capacity: Optional[int], carry: StageCarry) -> StageCarry:
+    """Stage ``carry.l`` with its members gathered into ``capacity`` slots (None: no gather): their
+    advantage, epochs of minibatches, the log-prob refresh."""
     l, member = carry.l, stage_members(eng, it.schedule, carry.l)
     joint, factor_log = preceding_log_ratios(eng, it, carry.logp_cur, l)
     data = it.data._replace(factor_log=factor_log)
-    index, valid, params, opt_states, data, group = local_group(eng, it, member, carry.params, carry.opt_states, data)
+    index, valid, params, opt_states, data, group = local_group(eng, it, member, carry.params, carry.opt_states, data,
+                                                                capacity)
     adv, target, value = stage_advantage(eng, it, params.critic, data, joint, l)
     batch = StageBatch(data.inputs, data.action, data.log_prob, value, adv, target, data.factor_log)
     # Stage 0 shuffles exactly like a one-stage update; later stages fold in their index.
@@ -637,7 +659,7 @@ def stage_body(eng: Engine, it: Iteration, carry: StageCarry) -> StageCarry:
                                         True, eng.critic_in_stage)
     local_actor = params.actor
     if index is not None:
-        if eng.plan.capacity > 1:  # padded slots (non-members) are written back unchanged
+        if capacity > 1:  # padded slots (non-members) are written back unchanged
             params, opt_states = select(valid, (params, opt_states),
                                         (take(carry.params, index, 0), take(carry.opt_states, index, 0)))
         params = put(carry.params, params, index, 0)
@@ -735,6 +757,9 @@ def make_stage_update(model: PolicyModel, spec: EnvSpec, opts: Params, cfg: Stag
                       separate: bool) -> Callable[[Any], tuple[Any, dict[str, Array]]]:
     """``update_step(state)`` of the engine running ``plan``. With per-agent losses and separate
     parameters ``opts`` must be per-agent (``per_agent``)."""
+    sizes = plan.group_sizes
+    if sizes is not None and (list(sizes) != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != plan.capacity):
+        raise ValueError(f"Plan.group_sizes {sizes} must ascend from >= 1 to the capacity {plan.capacity}")
     eng = Engine(model, spec, opts, engine_config(cfg), plan, separate)
     return lambda state: update_step(eng, state)
 

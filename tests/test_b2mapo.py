@@ -186,6 +186,7 @@ def test_generator_ppo_step_makes_a_rewarded_dag_more_likely():
 
 
 @pytest.mark.parametrize("override,needle", [("system.partition=tree", "system.partition"),
+                                             ("system.group_sizes=odd", "system.group_sizes"),
                                              ("network.kind=rnn", "network.kind"),
                                              ("network.parameter_sharing=shared", "network.parameter_sharing")])
 def test_bad_settings_name_the_key(tmp_results, override, needle):

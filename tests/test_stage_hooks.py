@@ -7,11 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_stages_engine import leaves, run_updates
+from helpers import small_settings
+from test_stages_engine import SAME, Pick, leaves, run_updates
 
+from envs.vector import AutoResetVecEnv
 from systems.a2po_anakin import A2POConfig
+from systems.anakin import init_learner_states, make_update_chunk, shard_state
 from systems.policy import Params
 from systems.stages import HookResult, Plan, Schedule, keyed, make_stage_system, surrogate_loss
+from utils.devices import make_mesh
 
 ENGINE = ["system.surrogate=a2po_coppo", "system.advantage=preopc", "system.adaptive_clip=true",
           "system.critic_update=stage"]
@@ -93,3 +97,67 @@ def test_stage_reports_reach_the_after_stages_hook(tmp_results):
     assert np.isfinite(np.asarray(metrics["gain"])).all()
     assert all(np.all(x == 0) for x in leaves(after.params.critic))
     assert isinstance(after.params, Params)
+
+
+def per_seed_schedule(num_agents, capacity, group_sizes):
+    """Seeds draw different batch shapes: stage 0 holds the first k agents (k = 1..capacity by the
+    key), stage 1 the rest (split into consecutive stages of at most ``capacity``)."""
+
+    def schedule(key, score):
+        k = jax.random.randint(key, (), 1, capacity + 1)
+        agent = jnp.arange(num_agents)
+        stage = jnp.where(agent < k, 0, 1 + (agent - k) // capacity).astype(jnp.int32)
+        return Schedule(stage, agent.astype(jnp.int32) + 1, stage.max() + 1)
+
+    return Plan(keyed(schedule), num_stages=num_agents, capacity=capacity, group_sizes=group_sizes, dense=True)
+
+
+def four_agent_update(plan, tmp, seeds=3):
+    build = lambda s, spec, vec: make_stage_system(s, spec, vec, plan)  # noqa: E731
+    overrides = ["network.parameter_sharing=separate", f"arch.num_seeds={seeds}"] + ENGINE
+    return run_updates("a2po", A2POConfig, build, overrides, 4, updates=2, tmp=tmp)
+
+
+def test_group_sizes_equal_the_full_capacity_gather(tmp_results):
+    """Batches of 1..3 of 4 agents, drawn per seed: running each stage in the smallest of the
+    group sizes (1, 2, 3) that holds its members (the most over the seeds) gives the update of
+    the fixed 3-slot gather, for parameters and optimiser states (float tolerance)."""
+    before, fixed_cap, metrics = four_agent_update(per_seed_schedule(4, 3, None), tmp_results)
+    _, sized, sized_metrics = four_agent_update(per_seed_schedule(4, 3, (1, 2, 3)), tmp_results)
+    for a, b, init in zip(leaves(fixed_cap.params), leaves(sized.params), leaves(before.params)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        assert not np.array_equal(a, init)
+    for a, b in zip(leaves(fixed_cap.opt_states), leaves(sized.opt_states)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sized_metrics["actor_loss"], metrics["actor_loss"], rtol=1e-4, atol=1e-6)
+
+
+def sub_jaxprs(eqn):
+    """The jaxprs inside an equation's parameters (cond branches, while/scan bodies, jit, shard_map)."""
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(item, "jaxpr", item)
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def conds_with(jaxpr, num_branches):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond" and len(eqn.params["branches"]) == num_branches:
+            yield eqn
+        for sub in sub_jaxprs(eqn):
+            yield from conds_with(sub, num_branches)
+
+
+def test_group_sizes_stay_one_branch_under_the_seed_vmap(tmp_results):
+    """The group-size switch keeps its branches in the driver's program (its index is the most
+    members over the vmapped seeds, unbatched), instead of a select that would run every size."""
+    plan = per_seed_schedule(4, 3, (1, 2, 3))
+    settings = small_settings("a2po", A2POConfig, SAME + ["network.parameter_sharing=separate", "arch.num_seeds=3",
+                                                          "arch.total_timesteps=128"] + ENGINE, tmp_results)
+    env = Pick(4, False)
+    system = make_stage_system(settings, env.spec, AutoResetVecEnv(env, settings.envs_per_device), plan)
+    mesh = make_mesh(1)
+    state = shard_state(init_learner_states(system, env, settings), mesh, system.env_fields)
+    jaxpr = jax.make_jaxpr(make_update_chunk(system, settings, mesh, state))(state)
+    assert list(conds_with(jaxpr.jaxpr, 3)), "the group-size switch became a select of every branch"

@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 DEVICE_AXIS = "device"
+SEED_AXIS = "seed"  # the driver's vmap over runs (seeds x sweep combinations) inside each device
 HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
 CACHE_MAX_BYTES = 2 * 1024**3  # the per-user cache evicts least recently used entries beyond this
 AUTO_HOST_DEVICES: Optional[int] = None  # the CPU device count use_every_core set in this process
@@ -173,3 +174,13 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     if num_devices is not None:
         devices = devices[:num_devices]
     return Mesh(np.asarray(devices), (DEVICE_AXIS,))
+
+
+def max_over_seeds(x: Any) -> Any:
+    """``x``'s maximum over the vmapped runs (``SEED_AXIS``), so a ``lax.switch`` on it stays one
+    branch under the driver's vmap instead of becoming a select of every branch; ``x`` itself
+    where no seed axis is bound (a plain jit or vmap)."""
+    try:
+        return jax.lax.pmax(x, SEED_AXIS)
+    except NameError:  # "unbound axis name": not under the driver's seed vmap
+        return x

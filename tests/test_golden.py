@@ -18,21 +18,27 @@ import pytest
 
 from golden import runs
 
-FAST = {("mappo", "ff", "shared"), ("a2po", "ff", "separate")}  # ippo-ff-separate: -m slow (a2po covers separate)
+FAST = [("mappo", "ff", "shared"), ("a2po", "ff", "separate")]  # ippo-ff-separate: -m slow (a2po covers separate)
 # one-stage shared, joint separate, gather; the recurrent runs (and the rest) with -m slow
 SCRIPT = os.path.join(runs.HERE, "runs.py")
 
 
-def params(run):
-    marks = () if run in FAST else (pytest.mark.slow,)
-    return pytest.param(run, id=runs.name(*run), marks=marks)
-
-
-@pytest.mark.parametrize("run", [params(r) for r in runs.RUNS])
-def test_golden_run_reproduces_recorded_parameters(run, tmp_path):
+def check_in_subprocess(names, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "GOLDEN_RESULTS_DIR": str(tmp_path / "results")}
-    proc = subprocess.run([sys.executable, SCRIPT, "check", runs.name(*run)], env=env, cwd=str(tmp_path),
+    proc = subprocess.run([sys.executable, SCRIPT, "check", *names], env=env, cwd=str(tmp_path),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert runs.name(*run) in proc.stdout and " ok " in proc.stdout, proc.stdout
+    for name in names:
+        assert any(line.startswith(name + " ") and " ok " in line for line in proc.stdout.splitlines()), proc.stdout
+
+
+def test_default_golden_runs_reproduce_recorded_parameters(tmp_path):
+    """The FAST runs, in one subprocess (one interpreter start-up and one jax import for both)."""
+    check_in_subprocess([runs.name(*run) for run in FAST], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", [pytest.param(r, id=runs.name(*r)) for r in runs.RUNS if r not in FAST])
+def test_golden_run_reproduces_recorded_parameters(run, tmp_path):
+    check_in_subprocess([runs.name(*run)], tmp_path)

@@ -13,8 +13,8 @@ rollout, epochs, minibatches, envs) and separate parameters (mappo too, so the n
   its distribution over whole training runs is in each run's ``schedule.json``); the row
   ``b2mapo blocks (L=2)`` fixes two batches of n/2, the fewest the default cap allows (what the
   generator's batch cost drives towards), so it is the cost of a converged schedule;
-- ``b2mapo group_sizes=max``: every batch trained in ``max_batch_size`` slots (before the
-  power-of-two group sizes, 2026-12-03); ``b2mapo without π_ind``: ``derived_policy=false``, so
+- ``b2mapo group_sizes=max``: every batch trained in ``max_batch_size`` slots (how every batch
+  ran before the group sizes of 2026-12-03); ``b2mapo without π_ind``: ``derived_policy=false``, so
   π_ind's pass is not run (its cost is the difference to ``b2mapo``);
 - sequential optimiser steps per iteration: the actor/critic steps that must run one after the
   other, stages x epochs x minibatches (mappo 1 stage, a2po n, b2mapo L), and b2mapo's extra

@@ -447,13 +447,12 @@ def group_sizes_of(kind: str, capacity: Optional[int]) -> Optional[tuple[int, ..
     Each size is one compiled stage body (a few seconds of compile each on CPU)."""
     if capacity is None or kind == "max":
         return None
-    powers = {min(2 ** i, capacity) for i in range(capacity.bit_length() + 1)}
-    every = set(range(1, capacity + 1))
     if kind == "every":
-        return tuple(sorted(every))
+        return tuple(range(1, capacity + 1))
+    sizes = {min(2 ** i, capacity) for i in range(capacity.bit_length() + 1)}
     if kind == "auto":
-        return tuple(sorted(powers | set(range(1, min(capacity, EVERY_SIZE_UP_TO) + 1))))
-    return tuple(sorted(powers))
+        sizes |= set(range(1, min(capacity, EVERY_SIZE_UP_TO) + 1))
+    return tuple(sorted(sizes))
 
 
 def b2mapo_plan(parts: Parts) -> Plan:

@@ -7,15 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import small_settings
-from test_stages_engine import SAME, Pick, leaves, run_updates
+from test_stages_engine import leaves, run_updates, update_chunk
 
-from envs.vector import AutoResetVecEnv
 from systems.a2po_anakin import A2POConfig
-from systems.anakin import init_learner_states, make_update_chunk, shard_state
 from systems.policy import Params
 from systems.stages import HookResult, Plan, Schedule, keyed, make_stage_system, surrogate_loss
-from utils.devices import make_mesh
 
 ENGINE = ["system.surrogate=a2po_coppo", "system.advantage=preopc", "system.adaptive_clip=true",
           "system.critic_update=stage"]
@@ -112,10 +108,12 @@ def per_seed_schedule(num_agents, capacity, group_sizes):
     return Plan(keyed(schedule), num_stages=num_agents, capacity=capacity, group_sizes=group_sizes, dense=True)
 
 
-def four_agent_update(plan, tmp, seeds=3):
+FOUR_AGENTS = ["network.parameter_sharing=separate", "arch.num_seeds=3"] + ENGINE
+
+
+def four_agent_update(plan, tmp):
     build = lambda s, spec, vec: make_stage_system(s, spec, vec, plan)  # noqa: E731
-    overrides = ["network.parameter_sharing=separate", f"arch.num_seeds={seeds}"] + ENGINE
-    return run_updates("a2po", A2POConfig, build, overrides, 4, updates=2, tmp=tmp)
+    return run_updates("a2po", A2POConfig, build, FOUR_AGENTS, 4, updates=2, tmp=tmp)
 
 
 def test_group_sizes_equal_the_full_capacity_gather(tmp_results):
@@ -153,11 +151,7 @@ def test_group_sizes_stay_one_branch_under_the_seed_vmap(tmp_results):
     """The group-size switch keeps its branches in the driver's program (its index is the most
     members over the vmapped seeds, unbatched), instead of a select that would run every size."""
     plan = per_seed_schedule(4, 3, (1, 2, 3))
-    settings = small_settings("a2po", A2POConfig, SAME + ["network.parameter_sharing=separate", "arch.num_seeds=3",
-                                                          "arch.total_timesteps=128"] + ENGINE, tmp_results)
-    env = Pick(4, False)
-    system = make_stage_system(settings, env.spec, AutoResetVecEnv(env, settings.envs_per_device), plan)
-    mesh = make_mesh(1)
-    state = shard_state(init_learner_states(system, env, settings), mesh, system.env_fields)
-    jaxpr = jax.make_jaxpr(make_update_chunk(system, settings, mesh, state))(state)
+    build = lambda s, spec, vec: make_stage_system(s, spec, vec, plan)  # noqa: E731
+    chunk, state = update_chunk("a2po", A2POConfig, build, FOUR_AGENTS, 4, tmp=tmp_results)
+    jaxpr = jax.make_jaxpr(chunk)(state)
     assert list(conds_with(jaxpr.jaxpr, 3)), "the group-size switch became a select of every branch"

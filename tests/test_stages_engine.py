@@ -63,8 +63,9 @@ SAME = ["system.ppo_epochs=2", "system.num_minibatches=2", "system.actor_lr=1e-3
         "system.gamma=0.99", "system.gae_lambda=0.95", "system.rollout_length=8", "arch.num_envs=4"]
 
 
-def run_updates(config, cls, build, overrides, num_agents, num_devices=1, updates=1, tmp="results", continuous=False):
-    """(initial state, state after ``updates`` updates, metrics) through the driver's update chunk."""
+def update_chunk(config, cls, build, overrides, num_agents, num_devices=1, updates=1, tmp="results",
+                 continuous=False):
+    """(the driver's update chunk, the initial learner state sharded for it) on ``Pick``."""
     steps = 8 * 4 * 2 * updates  # rollout 8 x 4 envs x 2 evaluations
     settings = small_settings(config, cls, SAME + [f"arch.num_devices={num_devices}",
                                                    f"arch.total_timesteps={steps}"] + overrides, tmp)
@@ -72,10 +73,15 @@ def run_updates(config, cls, build, overrides, num_agents, num_devices=1, update
     env = Pick(num_agents, continuous)
     mesh = make_mesh(num_devices)
     system = build(settings, env.spec, AutoResetVecEnv(env, settings.envs_per_device))
-    state = init_learner_states(system, env, settings)
+    state = shard_state(init_learner_states(system, env, settings), mesh, system.env_fields)
+    return make_update_chunk(system, settings, mesh, state), state
+
+
+def run_updates(config, cls, build, overrides, num_agents, num_devices=1, updates=1, tmp="results", continuous=False):
+    """(initial state, state after ``updates`` updates, metrics) through the driver's update chunk."""
+    chunk, state = update_chunk(config, cls, build, overrides, num_agents, num_devices, updates, tmp, continuous)
     before = jax.device_get(state)
-    state = shard_state(state, mesh, system.env_fields)
-    after, metrics = make_update_chunk(system, settings, mesh, state)(state)
+    after, metrics = chunk(state)
     return before, after, metrics
 
 

@@ -9,6 +9,11 @@ Settings follow Mava's SMAX config: ``HeuristicEnemySMAX`` with ``see_enemy_acti
 - ``action_mask``: JaxMARL's available actions, ``(A, 5 + num_enemies)`` bool (4 moves, stop, shoot
   enemy j).
 - ``global_state`` (if asked): JaxMARL's ``world_state`` tiled per agent, ``(A, state_size)``.
+  ``world_state="scaled"`` (``env.kwargs.world_state``; default ``"jaxmarl"``, JaxMARL's as-is)
+  rescales it the way JaxMARL scales the agents' own observation features: positions / map size,
+  clip(weapon cooldown / the unit type's cooldown, 0, 1) instead of the raw cooldown (which drifts
+  to about −50 over an idle episode), and unit types / (number of types − 1) instead of integers.
+  Same layout and size; see docs/smax.md.
 - reward: the allies' team reward (identical for every ally) repeated per agent, ``(A,)``.
 - ``extras["won_episode"]``: every enemy dead while at least one ally lives; this is exactly when
   JaxMARL pays ``won_battle_bonus`` and equals Mava's "last step and all rewards >= 1".
@@ -62,14 +67,20 @@ class SmaxState(NamedTuple):
     key: Array  # PRNG key for the enemy policy and the simulator's noise
 
 
+WORLD_STATES = ("jaxmarl", "scaled")
+
+
 class Smax(MarlEnv):
     """One SMAX battle; the learning team is JaxMARL's allies."""
 
-    def __init__(self, task: str, global_state: bool = False, **kwargs: Any):
+    def __init__(self, task: str, global_state: bool = False, world_state: str = "jaxmarl", **kwargs: Any):
         if kwargs.get("action_type", "discrete") != "discrete":
             raise ValueError("only discrete SMAX actions are supported")
+        if world_state not in WORLD_STATES:
+            raise ValueError(f"env.kwargs.world_state={world_state!r}; allowed: {', '.join(WORLD_STATES)}")
         self.task = task
         self._global_state = global_state
+        self._scaled_state = world_state == "scaled"
         scenario = map_name_to_scenario(task)
         self._env = HeuristicEnemySMAX(scenario=scenario, **{**MAVA_KWARGS, **kwargs})
         self._agents = list(self._env.agents)  # ally_0 .. ally_{A-1}
@@ -91,9 +102,20 @@ class Smax(MarlEnv):
         step_count = jnp.full((self._num_allies,), env_state.state.step, jnp.int32)
         state = None
         if self._global_state:
-            world = obs["world_state"].astype(jnp.float32)  # (S,)
+            world = self._scaled_world_state(env_state.state) if self._scaled_state else obs["world_state"]
+            world = world.astype(jnp.float32)  # (S,)
             state = jnp.broadcast_to(world, (self._num_allies, world.shape[0]))
         return Observation(views, mask, step_count, state)
+
+    def _scaled_world_state(self, state: Any) -> Array:
+        """JaxMARL's world-state layout with the observation's scaling: every unit's own features
+        as the unit itself observes them (zeros when dead), then the teams, then the types in [0, 1]."""
+        env = self._env
+        units = jnp.arange(state.unit_types.shape[0])  # allies and enemies
+        features = jax.vmap(lambda i: env._get_own_features(state, i))(units).reshape(-1)
+        num_types = env.unit_type_health.shape[0]
+        types = state.unit_types / (num_types - 1)
+        return jnp.concatenate([features, state.unit_teams, types], axis=-1)
 
     def reset(self, key: Array) -> tuple[SmaxState, TimeStep]:
         key, reset_key = jax.random.split(key)
@@ -131,8 +153,9 @@ class Smax(MarlEnv):
         return SmaxState(_strong(env_state), key), timestep
 
 
-def make_task(task: str, global_state: bool = False, **kwargs: Any) -> MarlEnv:
-    """SMAX ``task`` (a JaxMARL map name) with Mava's settings; kwargs override them."""
+def make_task(task: str, global_state: bool = False, world_state: str = "jaxmarl", **kwargs: Any) -> MarlEnv:
+    """SMAX ``task`` (a JaxMARL map name) with Mava's settings; kwargs override them.
+    ``world_state``: ``"jaxmarl"`` (JaxMARL's world state as-is) or ``"scaled"`` (see above)."""
     if task not in TASKS:
         raise ValueError(f"unknown SMAX task {task!r}; valid: {list(TASKS)}")
-    return Smax(task, global_state=global_state, **kwargs)
+    return Smax(task, global_state=global_state, world_state=world_state, **kwargs)

@@ -95,7 +95,10 @@ def make_envs(settings: Settings) -> tuple[MarlEnv, MarlEnv]:
     """Train and eval envs (the eval env is a separate instance; neither auto-resets by itself)."""
     global_state = needs_global_state(settings.system)
     kwargs = dict(settings.env.kwargs)
-    train = envs.make(settings.env.name, settings.env.task, global_state=global_state, **kwargs)
+    try:
+        train = envs.make(settings.env.name, settings.env.task, global_state=global_state, **kwargs)
+    except (TypeError, ValueError) as err:  # a keyword the env does not take, or a bad value
+        raise ConfigError(f"env.kwargs={kwargs} for env.name={settings.env.name!r}: {err}") from None
     evaluation = envs.make(settings.env.name, settings.env.task, global_state=global_state, **kwargs)
     return train, evaluation
 

@@ -53,3 +53,20 @@ def test_the_results_name_says_network_kind_system_and_sharing():
     assert settings([]).algorithm_label == "ff_mappo_shared"
     assert settings(["network=rnn", "network.parameter_sharing=separate"]).algorithm_label == "rec_mappo_separate"
     assert settings(["logger.algorithm_name=mappo_lr3e-4"]).algorithm_label == "mappo_lr3e-4"
+
+
+@pytest.mark.parametrize(
+    "overrides,needles",
+    [
+        (["env=smax", "env.kwargs.world_state=raw"], ["env.kwargs.world_state", "'raw'", "jaxmarl, scaled"]),
+        (["env=smax", "+env.kwargs.fog=1"], ["env.kwargs", "fog", "unexpected keyword"]),
+    ],
+)
+def test_env_kwargs_the_env_rejects_are_config_errors(overrides, needles):
+    """The env checks its own keywords while it is built, before compilation."""
+    from systems.anakin import make_envs
+
+    with pytest.raises(ConfigError) as err:
+        make_envs(settings(overrides))
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))

@@ -243,6 +243,46 @@ def test_smax_matches_jaxmarl(smax_3m):
     assert np.all(np.asarray(ts.reward) >= 1.0)
 
 
+def test_smax_scaled_world_state():
+    """world_state="scaled": JaxMARL's world state re-derived from the raw one feature by feature
+    (positions / 32, cooldown / its type's cooldown clipped to [0, 1], types / 5) over random play
+    long enough for idle cooldowns to go negative; the layout and size are JaxMARL's."""
+    raw_env = envs.make("smax", "2s3z", global_state=True)  # two unit types (0 would hide a wrong scale)
+    env = envs.make("smax", "2s3z", global_state=True, world_state="scaled")
+    assert env.spec == raw_env.spec
+    cooldowns = np.asarray(env._env.unit_type_weapon_cooldowns)
+    step = jax.jit(lambda s, a: (env.step(s, a), raw_env.step(s, a)))
+    state, ts = env.reset(jax.random.PRNGKey(3))
+    raw_world = np.asarray(raw_env.reset(jax.random.PRNGKey(3))[1].observation.global_state[0])
+    rng, seen_negative = np.random.default_rng(0), False
+    for t in range(40):
+        world = np.asarray(ts.observation.global_state)
+        np.testing.assert_array_equal(world, np.broadcast_to(world[0], world.shape))  # tiled
+        world, n = world[0], 10
+        units, raw_units = world[: 10 * n].reshape(n, 10), raw_world[: 10 * n].reshape(n, 10)
+        types = raw_world[11 * n :].astype(int)
+        alive = raw_units[:, 0] > 0
+        np.testing.assert_array_equal(units[~alive], 0.0)
+        np.testing.assert_allclose(units[alive, 0], raw_units[alive, 0], rtol=1e-6)
+        np.testing.assert_allclose(units[alive, 1:3], raw_units[alive, 1:3] / 32.0, rtol=1e-6)
+        cd = np.clip(raw_units[alive, 3] / cooldowns[types[alive]], 0.0, 1.0)
+        np.testing.assert_allclose(units[alive, 3], cd, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(units[alive, 4:], raw_units[alive, 4:])
+        np.testing.assert_array_equal(world[10 * n : 11 * n], raw_world[10 * n : 11 * n])  # teams
+        np.testing.assert_allclose(world[11 * n :], types / 5.0, rtol=1e-6)
+        assert len(set(types)) == 2
+        assert world.min() >= 0.0 and world.max() <= 1.0
+        seen_negative |= bool((raw_units[alive, 3] < 0).any())
+        mask = np.asarray(ts.observation.action_mask)
+        action = np.array([rng.choice(np.flatnonzero(m)) for m in mask], np.int32)
+        (state, ts), (_, raw_ts) = step(state, jnp.asarray(action))
+        raw_world = np.asarray(raw_ts.observation.global_state[0])
+        np.testing.assert_array_equal(ts.observation.agents_view, raw_ts.observation.agents_view)
+    assert seen_negative  # the raw cooldowns this rescales did drift below zero
+    with pytest.raises(ValueError, match="env.kwargs.world_state='raw'; allowed: jaxmarl, scaled"):
+        envs.make("smax", "3m", world_state="raw")
+
+
 def test_mpe_simple_spread_3ag_contract():
     env = envs.make("mpe", "simple_spread_3ag", global_state=True)
     spec = env.spec

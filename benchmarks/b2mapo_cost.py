@@ -6,8 +6,9 @@ rollout, epochs, minibatches, envs) and separate parameters (mappo too, so the n
 
 - ``iteration``: the median wall time of one update (rollout + learner) over ``--repeats`` timed
   chunks of ``--updates`` updates, systems timed round robin (as ``sequential_throughput.py``);
-- ``rollout``: the system's own rollout alone (compiled on its own, median of ``--repeats``);
-  ``update`` = iteration − rollout, the learner's share;
+- ``rollout``: the system's own rollout alone (compiled on its own), timed in the same round robin
+  right after each of the system's chunks (median of ``--repeats``), so machine drift hits both
+  alike; ``update`` = iteration − rollout, the learner's share;
 - ``compile``: the update chunk's compile (wall and process CPU);
 - ``L``: batches (stages) per update over the timed updates (b2mapo's generator learns meanwhile;
   its distribution over whole training runs is in each run's ``schedule.json``); the row
@@ -94,7 +95,8 @@ def collect_fn(case: Case) -> Callable[[Any, jax.Array], Any]:
     return policy_model(nets, spec, case.vec_env, settings.system.rollout_length).collect
 
 
-def rollout_seconds(case: Case, state: Any, repeats: int) -> float:
+def rollout_runner(case: Case, state: Any) -> Callable[[], float]:
+    """A compiled, warmed-up rollout of ``state``; each call runs it once and returns its seconds."""
     from utils.devices import DEVICE_AXIS
 
     collect = collect_fn(case)
@@ -102,7 +104,14 @@ def rollout_seconds(case: Case, state: Any, repeats: int) -> float:
     run = jax.jit(jax.vmap(lambda s, k: collect(s, k).traj.reward, axis_name=DEVICE_AXIS))
     batched = jax.tree.map(lambda x: x[None], state)
     keys = jax.random.split(jax.random.PRNGKey(0), 1)
-    return median_seconds(lambda: run(batched, keys), repeats)
+    jax.block_until_ready(run(batched, keys))
+
+    def timed() -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(run(batched, keys))
+        return time.perf_counter() - start
+
+    return timed
 
 
 def acting_latency(env: Any, system: Any, acting_params: Any, batch: int, repeats: int) -> float:
@@ -139,23 +148,27 @@ def measure_task(family: str, task: str, args: argparse.Namespace) -> list[dict[
         print(f"{family} {task} {label}: compiled in {case.compile_s:.1f}s ({case.compile_cpu_s:.1f}s CPU)", flush=True)
         cases.append(case)
         labels.append(label)
+    states = [one_seed(case) for case in cases]
+    rollouts = [rollout_runner(case, state) for case, state in zip(cases, states)]
     batches: dict[str, list[float]] = {label: [] for label in labels}
-    for _ in range(args.repeats):  # round robin
-        for case, label in zip(cases, labels):
+    rollout_times: dict[str, list[float]] = {label: [] for label in labels}
+    for _ in range(args.repeats):  # round robin: each system's chunk, then its rollout alone
+        for case, label, rollout in zip(cases, labels, rollouts):
             wall, cpu = case.call()
             case.times.append(wall)
             case.cpu_times.append(cpu)
+            rollout_times[label].append(rollout())
             if "num_batches" in case.metrics:
                 batches[label] += np.asarray(case.metrics["num_batches"]).ravel().tolist()
     rows = []
-    for case, label in zip(cases, labels):
-        state = one_seed(case)
+    for case, label, state in zip(cases, labels, states):
         iteration = statistics.median(case.times) / args.updates
-        rollout = rollout_seconds(case, state, args.repeats)
+        rollout = statistics.median(rollout_times[label])
         ls = batches[label] or [1.0 if case.name == "mappo" else float(case.num_agents)]
         row = dict(env=family, task=task, system=label, num_agents=case.num_agents,
                    iteration_ms=1e3 * iteration, rollout_ms=1e3 * rollout, update_ms=1e3 * (iteration - rollout),
                    iteration_ms_all=[1e3 * t / args.updates for t in case.times],
+                   rollout_ms_all=[1e3 * t for t in rollout_times[label]],
                    compile_s=case.compile_s, compile_cpu_s=case.compile_cpu_s,
                    batches_mean=float(np.mean(ls)), batches_hist={str(int(k)): int(v) for k, v in
                                                                  zip(*np.unique(np.asarray(ls), return_counts=True))},

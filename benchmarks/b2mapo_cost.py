@@ -64,14 +64,16 @@ SYSTEMS = [("mappo", "mappo", []), ("a2po", "a2po", []), ("b2mapo", "b2mapo", []
            ("b2mapo blocks (L=2)", "b2mapo", ["system.partition=blocks", "system.num_blocks=2"])]
 
 
+def seconds(fn: Callable[[], Any]) -> float:
+    """Wall seconds of one ``fn()``, waiting for its results."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     jax.block_until_ready(fn())  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn) for _ in range(repeats))
 
 
 def one_seed(case: Case) -> Any:
@@ -104,14 +106,8 @@ def rollout_runner(case: Case, state: Any) -> Callable[[], float]:
     run = jax.jit(jax.vmap(lambda s, k: collect(s, k).traj.reward, axis_name=DEVICE_AXIS))
     batched = jax.tree.map(lambda x: x[None], state)
     keys = jax.random.split(jax.random.PRNGKey(0), 1)
-    jax.block_until_ready(run(batched, keys))
-
-    def timed() -> float:
-        start = time.perf_counter()
-        jax.block_until_ready(run(batched, keys))
-        return time.perf_counter() - start
-
-    return timed
+    jax.block_until_ready(run(batched, keys))  # compile and warm up
+    return lambda: seconds(lambda: run(batched, keys))
 
 
 def acting_latency(env: Any, system: Any, acting_params: Any, batch: int, repeats: int) -> float:

@@ -132,7 +132,7 @@ def sequential_steps(case: Case, mean_batches: float) -> dict[str, float]:
     stages = {"mappo": 1.0, "a2po": float(n), "b2mapo": mean_batches}[case.name]
     extra = 0.0
     if case.name == "b2mapo":
-        ind = cfg.ind_epochs * cfg.num_minibatches  # π_ind's pass (MAPPO + KL)
+        ind = cfg.ind_epochs * cfg.ind_minibatches  # π_ind's pass (MAPPO + KL)
         extra = (cfg.gen_epochs + 1 if cfg.partition == "dag" else 0) + ind
     return dict(stages=stages, stage_steps=stages * per_stage, extra_steps=extra, total_steps=stages * per_stage + extra)
 

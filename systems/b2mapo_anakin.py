@@ -213,6 +213,11 @@ def observations(inputs: Any) -> Observation:
     return inputs.obs if isinstance(inputs, CondInputs) else inputs
 
 
+def actor_view(obs: Observation) -> Observation:
+    """What an actor reads (the view and the action mask): π_ind's minibatches shuffle only that."""
+    return obs._replace(step_count=None, global_state=None)
+
+
 def ind_head(parts: Parts, ind_params: Any, obs: Observation) -> Any:
     return parts.ind_nets.actor(ind_params, None, obs, None)[1]
 
@@ -399,8 +404,9 @@ def derived_step(parts: Parts, ctx: AfterStages, params: B2MAPOParams, opt: B2MA
     """π_ind's pass on the iteration's data: MAPPO loss, plus kl_coef · KL(sg π ‖ π_ind) every
     ``kl_every`` iterations (π after this iteration's stages is the target)."""
     cfg, traj = parts.cfg, ctx.collected.traj
-    target = joint_head(parts, params.actor, ctx.collected.inputs)
-    batch = IndBatch(observations(ctx.collected.inputs), traj.action, traj.log_prob, ctx.advantages, target)
+    # π's head after the stages: each agent's from its stage's log-prob refresh (Plan.heads)
+    batch = IndBatch(actor_view(observations(ctx.collected.inputs)), traj.action, traj.log_prob, ctx.advantages,
+                     ctx.heads)
     due = (ctx.state.update_count % cfg.kl_every) == 0
     kl_weight = jnp.where(due, cfg.kl_coef, 0.0)
     ind, ind_state, kl = ind_epochs(parts, params.ind, opt.ind, batch, ctx.key, cfg.ind_epochs, 1.0, kl_weight)
@@ -460,7 +466,8 @@ def b2mapo_plan(parts: Parts) -> Plan:
     # Every partition numbers its non-empty batches 0..L-1 (dense: no empty-stage guard needed).
     return Plan(make_schedule(parts), num_stages=parts.spec.num_agents, capacity=parts.capacity,
                 group_sizes=group_sizes_of(parts.cfg.group_sizes, parts.capacity), dense=True,
-                reports=learned, after_stages=lambda ctx: after_stages(parts, ctx))
+                reports=learned, heads=parts.cfg.derived_policy or parts.conditioned,  # π_ind's KL target
+                after_stages=lambda ctx: after_stages(parts, ctx))
 
 
 def schedule_summary(batches: Any) -> dict[str, Any]:

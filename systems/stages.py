@@ -161,6 +161,7 @@ class AfterStages(NamedTuple):
     reports: Optional[StageReport]
     key: Array  # this device's key (for minibatch shuffles)
     shared_key: Array  # identical on every device
+    heads: Any = None  # ``Plan.heads``: the actor's head output (T, E, A, ...) after the stages, from the refreshes
 
 
 class HookResult(NamedTuple):
@@ -184,6 +185,8 @@ class Plan(NamedTuple):
     stage_epochs: Optional[int] = None  # default epochs per stage (None: ppo_epochs)
     reports: bool = False  # return a StageReport per stage (costs one more actor pass per stage)
     dense: bool = False  # every stage < L has a member (one agent per stage always does): no empty-stage guard
+    heads: bool = False  # keep each agent's head output from its stage's refresh (AfterStages.heads): every
+    # agent must be in exactly one stage < L; the last stage then refreshes too (its members' actor pass)
     after_stages: Optional[Callable[[AfterStages], "HookResult"]] = None
 
 
@@ -464,10 +467,7 @@ class StageCarry(NamedTuple):
     logp_cur: Array  # (T, E, A) the current policies' log-probabilities of the rollout's actions
     metrics: TrainMetrics  # (num_stages,) per-stage means
     reports: Optional[StageReport]  # (num_stages, A)
-
-
-def log_prob_of(eng: Engine, actor_params: Any, inputs: Any, action: Array) -> Array:
-    return make_distribution(eng.spec, eng.model.actor(actor_params, inputs)).log_prob(action)
+    heads: Any = None  # Plan.heads: (T, E, A, ...) head outputs, each agent's written by its stage's refresh
 
 
 def actor_loss(actor_params: Any, batch: StageBatch, eng: Engine, group: Group) -> tuple[Array, TrainMetrics]:
@@ -605,16 +605,23 @@ def stage_advantage(eng: Engine, it: Iteration, critic: Any, data: StageData, jo
     return adv, target, value
 
 
-def refresh_log_probs(eng: Engine, it: Iteration, carry: StageCarry, member: Array, index: Optional[Array],
-                      valid: Optional[Array], local_actor: Any, local_data: StageData) -> Array:
-    """The current policies' log-probabilities after the stage (later stages' ratios)."""
-    logp = carry.logp_cur
+def refresh(eng: Engine, it: Iteration, carry: StageCarry, member: Array, index: Optional[Array],
+            valid: Optional[Array], local_actor: Any, local_data: StageData) -> tuple[Array, Any]:
+    """The current policies' log-probabilities after the stage (later stages' ratios) and, with
+    ``Plan.heads``, the moved agents' head outputs, from one actor pass."""
+    logp, heads = carry.logp_cur, carry.heads
     if index is not None:  # only the gathered agents moved
-        new = log_prob_of(eng, local_actor, local_data.inputs, local_data.action)  # (T, E, C)
-        new = jnp.where(valid, new, jnp.take(logp, index, axis=2))
-        return put(logp, new, index, 2)
-    new = log_prob_of(eng, carry.params.actor, it.data.inputs, it.data.action)
-    return jnp.where(member, new, logp) if eng.separate else new
+        head = eng.model.actor(local_actor, local_data.inputs)  # (T, E, C, ...)
+        new = make_distribution(eng.spec, head).log_prob(local_data.action)
+        keep = lambda new, old: put(old, jnp.where(  # noqa: E731
+            valid.reshape(valid.shape + (1,) * (new.ndim - 3)), new, jnp.take(old, index, axis=2)), index, 2)
+        return keep(new, logp), None if heads is None else jax.tree.map(keep, head, heads)
+    head = eng.model.actor(carry.params.actor, it.data.inputs)
+    new = make_distribution(eng.spec, head).log_prob(it.data.action)
+    if not eng.separate:
+        return new, None if heads is None else head
+    moved = lambda new, old: jnp.where(member.reshape(member.shape + (1,) * (new.ndim - 3)), new, old)  # noqa: E731
+    return moved(new, logp), None if heads is None else jax.tree.map(moved, head, heads)
 
 
 def stage_report(eng: Engine, it: Iteration, carry: StageCarry, logp_new: Array, member: Array,
@@ -666,14 +673,14 @@ def sized_stage_body(eng: Engine, it: Iteration, capacity: Optional[int], carry:
         opt_states = put(carry.opt_states, opt_states, index, 0)
     metrics = jax.tree.map(lambda buf, m: buf.at[l].set(jnp.mean(m)), carry.metrics, metrics)
     new = carry._replace(params=params, opt_states=opt_states, metrics=metrics)
-    if eng.plan.num_stages > 1 or eng.plan.reports:
-        needed = (l < it.schedule.num_stages - 1) | eng.plan.reports
-        logp = jax.lax.cond(needed, lambda c: refresh_log_probs(eng, it, c, member, index, valid, local_actor, data),
-                            lambda c: c.logp_cur, new)
+    if eng.plan.num_stages > 1 or eng.plan.reports or eng.plan.heads:
+        needed = (l < it.schedule.num_stages - 1) | eng.plan.reports | eng.plan.heads
+        logp, heads = jax.lax.cond(needed, lambda c: refresh(eng, it, c, member, index, valid, local_actor, data),
+                                   lambda c: (c.logp_cur, c.heads), new)
         if eng.plan.reports:
             adv_full = adv if index is None else put(jnp.zeros_like(it.data.gae_adv), adv, index, 2)
             new = new._replace(reports=stage_report(eng, it, carry, logp, member, adv_full, factor_log))
-        new = new._replace(logp_cur=logp)
+        new = new._replace(logp_cur=logp, heads=heads)
     return new
 
 
@@ -685,8 +692,12 @@ def run_stages(eng: Engine, it: Iteration, params: Params, opt_states: Params) -
     if eng.plan.reports:
         z = jnp.zeros((num_stages, num_agents))
         reports = StageReport(jnp.zeros((num_stages, num_agents), bool), z, z, z)
+    heads = None
+    if eng.plan.heads:
+        shapes = jax.eval_shape(eng.model.actor, params.actor, it.data.inputs)
+        heads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     carry = StageCarry(jnp.zeros((), jnp.int32), params, opt_states, it.data.log_prob,
-                       TrainMetrics(zeros, zeros, zeros, zeros, zeros), reports)
+                       TrainMetrics(zeros, zeros, zeros, zeros, zeros), reports, heads)
     if num_stages == 1:
         return stage_body(eng, it, carry)
 
@@ -745,7 +756,7 @@ def update_step(eng: Engine, state: Any) -> tuple[Any, dict[str, Array]]:
     if eng.plan.after_stages is not None:
         params, opt_states, extras, extra = eng.plan.after_stages(AfterStages(
             state, params, opt_states, collected, gae_adv, gae_target, schedule, out.reports,
-            jax.random.fold_in(epoch_key, 0xAF7E), jax.random.fold_in(schedule_key, 0xAF7E)))
+            jax.random.fold_in(epoch_key, 0xAF7E), jax.random.fold_in(schedule_key, 0xAF7E), out.heads))
         new_state = new_state._replace(extras=extras)
     episodes = jax.lax.psum(collected.episodes, DEVICE_AXIS)
     new_state = new_state._replace(params=params, opt_states=opt_states, key=key,

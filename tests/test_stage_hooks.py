@@ -95,6 +95,32 @@ def test_stage_reports_reach_the_after_stages_hook(tmp_results):
     assert isinstance(after.params, Params)
 
 
+@pytest.mark.parametrize("capacity", [2, None])  # the gather, and the vmap + where path
+def test_plan_heads_are_the_actor_heads_after_the_stages(tmp_results, capacity):
+    """``Plan.heads``: each agent's head output comes from its own stage's refresh (the last stage
+    refreshes too, with no reports asking for it), and after the stages it equals a fresh forward
+    of the updated actors on the rollout. A stage whose refresh was skipped or not written back
+    leaves zeros, or the head of parameters that moved on, and fails this."""
+    from networks.policy import make_policy_nets
+
+    def build(settings, spec, vec_env):
+        nets = make_policy_nets(settings.network, spec, settings.system.centralised_critic)
+
+        def hook(ctx):
+            fresh = nets.actor(ctx.params.actor, None, ctx.collected.inputs, None)[1]
+            error = jnp.max(jnp.abs(ctx.heads - fresh))
+            metrics = {"head_error": error, "head_scale": jnp.max(jnp.abs(fresh))}
+            return HookResult(ctx.params, ctx.opt_states, ctx.state.extras, metrics)
+
+        plan = fixed([1, 0, 1], 2, 3, capacity=capacity, heads=True, after_stages=hook)
+        return make_stage_system(settings, spec, vec_env, plan)
+
+    _, _, metrics = run_updates("a2po", A2POConfig, build, ["network.parameter_sharing=separate"] + ENGINE, 3,
+                                updates=2, tmp=tmp_results)
+    assert np.all(np.asarray(metrics["head_scale"]) > 1e-3)
+    np.testing.assert_array_less(np.asarray(metrics["head_error"]), 1e-5)
+
+
 def per_seed_schedule(num_agents, capacity, group_sizes):
     """Seeds draw different batch shapes: stage 0 holds the first k agents (k = 1..capacity by the
     key), stage 1 the rest (split into consecutive stages of at most ``capacity``)."""

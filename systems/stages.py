@@ -605,23 +605,29 @@ def stage_advantage(eng: Engine, it: Iteration, critic: Any, data: StageData, jo
     return adv, target, value
 
 
+def on_agents(mask: Array, new: Array, old: Array) -> Array:
+    """``new`` where the agent mask (A,) holds, else ``old``; leaves laid out (T, E, A, ...)."""
+    return jnp.where(mask.reshape(mask.shape + (1,) * (new.ndim - 3)), new, old)
+
+
 def refresh(eng: Engine, it: Iteration, carry: StageCarry, member: Array, index: Optional[Array],
             valid: Optional[Array], local_actor: Any, local_data: StageData) -> tuple[Array, Any]:
     """The current policies' log-probabilities after the stage (later stages' ratios) and, with
     ``Plan.heads``, the moved agents' head outputs, from one actor pass."""
-    logp, heads = carry.logp_cur, carry.heads
-    if index is not None:  # only the gathered agents moved
+    if index is not None:  # only the gathered agents moved: write their slots back
         head = eng.model.actor(local_actor, local_data.inputs)  # (T, E, C, ...)
-        new = make_distribution(eng.spec, head).log_prob(local_data.action)
-        keep = lambda new, old: put(old, jnp.where(  # noqa: E731
-            valid.reshape(valid.shape + (1,) * (new.ndim - 3)), new, jnp.take(old, index, axis=2)), index, 2)
-        return keep(new, logp), None if heads is None else jax.tree.map(keep, head, heads)
-    head = eng.model.actor(carry.params.actor, it.data.inputs)
-    new = make_distribution(eng.spec, head).log_prob(it.data.action)
-    if not eng.separate:
-        return new, None if heads is None else head
-    moved = lambda new, old: jnp.where(member.reshape(member.shape + (1,) * (new.ndim - 3)), new, old)  # noqa: E731
-    return moved(new, logp), None if heads is None else jax.tree.map(moved, head, heads)
+        action = local_data.action
+
+        def moved(new: Array, old: Array) -> Array:
+            return put(old, on_agents(valid, new, jnp.take(old, index, axis=2)), index, 2)
+    else:
+        head = eng.model.actor(carry.params.actor, it.data.inputs)
+        action = it.data.action
+
+        def moved(new: Array, old: Array) -> Array:  # shared parameters: everyone moved
+            return on_agents(member, new, old) if eng.separate else new
+    logp = moved(make_distribution(eng.spec, head).log_prob(action), carry.logp_cur)
+    return logp, None if carry.heads is None else jax.tree.map(moved, head, carry.heads)
 
 
 def stage_report(eng: Engine, it: Iteration, carry: StageCarry, logp_new: Array, member: Array,

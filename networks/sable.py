@@ -35,13 +35,16 @@ multiplies it by κ; the tokens of the step then add to it without decay.
 Two forms, one function. ``act`` is the recurrent form: decay/reset the memory, encode the A agents
 at once (o = q (S + Σ_agents kᵀv)), then a ``lax.scan`` over agents samples each action from the
 decoder run on that agent's single token, with the decoder states carrying the memory plus the
-tokens already decoded this step. ``train`` is the parallel form over all L tokens of an env at once
-(one chunk = the whole sequence): a masked decay matrix D (H, L, L) built from step indices and
-reset boundaries, plus the incoming memory weighted by κ^{τ(i)+1} until the first reset; it also
-gives the memory after the last step (``make_sable_train_with_memory``), so training in chunks and
-carrying it equals training in one go. The tests check that both forms agree. The parallel form
-holds (B, H, L, L) decay and score matrices: memory grows with (T·A)², as in Mava's
-``timestep_chunk_size: null``; cut long rollouts into chunks and carry the memory if that is too much.
+tokens already decoded this step. ``train`` is the parallel form over all L tokens of a chunk of
+an env's steps at once: a masked decay matrix D (H, L, L) built from step indices and reset
+boundaries, plus the incoming memory weighted by κ^{τ(i)+1} until the first reset; it also gives
+the memory after the chunk's last step, so training in chunks and carrying the memory equals
+training in one go (the tests check both this and that the two forms agree). ``chunk_steps`` (the
+systems' ``timestep_chunk_size``, Mava's name) cuts a training sequence of T steps into chunks of C
+steps run by a ``lax.scan`` that carries the memory: the decay and score matrices shrink from
+(B, H, T·A, T·A) to (B, H, C·A, C·A) per chunk, so the work on them falls from T² to T·C per env
+(a shorter last chunk takes the rest when C does not divide T); None is one chunk, Mava's
+``timestep_chunk_size: null``.
 
 Choices that are ours:
 - Cross-retention uses the decoder's causal rule: agent j's query sees the self-retention outputs of
@@ -88,6 +91,7 @@ class SableConfig(NamedTuple):
     decay_scaling_factor: float = 0.8
     add_agent_id: bool = True
     positional_encoding: bool = True
+    chunk_steps: int | None = None  # steps per training chunk (the memory carries between chunks); None: one chunk
 
 
 def decay_rates(n_head: int, decay_scaling_factor: float) -> np.ndarray:
@@ -405,7 +409,29 @@ class _Sable(NamedTuple):
     def train_with_memory(self, params: Any, hidden: SableHidden, obs: Observation, reset: Array,
                           action: Array) -> tuple[Array, Any, SableHidden]:
         """Teacher-forced pass over (T, B, A, ...) -> (value (T, B, A), head (T, B, A, ...), memory after
-        the last step)."""
+        the last step), in chunks of ``chunk_steps`` steps (a ``lax.scan`` carrying the memory: the same
+        maths as one chunk, with (C·A)² instead of (T·A)² decay and score entries per chunk)."""
+        steps = reset.shape[0]
+        size = min(self.config.chunk_steps or steps, steps)
+        if size == steps:
+            return self.train_chunk(params, hidden, obs, reset, action)
+
+        def one_chunk(memory: SableHidden, chunk: tuple[Observation, Array, Array]) -> tuple[SableHidden, Any]:
+            value, head, memory = self.train_chunk(params, memory, *chunk)
+            return memory, (value, head)
+
+        data, whole = (obs, reset, action), steps - steps % size  # whole chunks; a shorter last one takes the rest
+        split = lambda x: x.reshape((whole // size, size) + x.shape[1:])  # noqa: E731
+        memory, (value, head) = jax.lax.scan(one_chunk, hidden, jax.tree.map(split, part(data, 0, whole)))
+        value, head = jax.tree.map(lambda x: x.reshape((whole,) + x.shape[2:]), (value, head))
+        if whole < steps:
+            last_value, last_head, memory = self.train_chunk(params, memory, *part(data, whole, steps))
+            value, head = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), (value, head), (last_value, last_head))
+        return value, head, memory
+
+    def train_chunk(self, params: Any, hidden: SableHidden, obs: Observation, reset: Array,
+                    action: Array) -> tuple[Array, Any, SableHidden]:
+        """``train_with_memory`` over one chunk: every token of an env at once (Sable's parallel form)."""
         steps, batch, agents = obs.step_count.shape
         to_tokens = lambda x: jnp.swapaxes(x, 0, 1).reshape((batch, steps * agents) + x.shape[3:])  # noqa: E731
         from_tokens = lambda x: jnp.swapaxes(x.reshape((batch, steps, agents) + x.shape[2:]), 0, 1)  # noqa: E731
@@ -427,7 +453,14 @@ class _Sable(NamedTuple):
         return value, head
 
 
+def part(tree: Any, start: int, stop: int) -> Any:
+    """Steps ``start:stop`` of every (T, ...) leaf."""
+    return jax.tree.map(lambda x: x[start:stop], tree)
+
+
 def _build(spec: EnvSpec, config: SableConfig) -> _Sable:
+    if config.chunk_steps is not None and config.chunk_steps < 1:
+        raise ValueError(f"chunk_steps={config.chunk_steps} must be a positive number of steps (or None)")
     if config.embed_dim % config.n_head:
         raise ValueError(f"embed_dim={config.embed_dim} is not a multiple of n_head={config.n_head}")
     if spec.action_kind not in ("discrete", "continuous"):
@@ -439,10 +472,11 @@ def _build(spec: EnvSpec, config: SableConfig) -> _Sable:
 
 def make_sable(spec: EnvSpec, embed_dim: int = 64, n_block: int = 1, n_head: int = 1,
                decay_scaling_factor: float = 0.8, add_agent_id: bool = True,
-               positional_encoding: bool = True) -> JointNets:
-    """Sable behind ``JointNets`` (recurrent; ``init_hidden((B,))`` gives a zero ``SableHidden``)."""
+               positional_encoding: bool = True, chunk_steps: int | None = None) -> JointNets:
+    """Sable behind ``JointNets`` (recurrent; ``init_hidden((B,))`` gives a zero ``SableHidden``); ``train``
+    runs in chunks of ``chunk_steps`` steps (None: the whole sequence at once)."""
     sable = _build(spec, SableConfig(embed_dim, n_block, n_head, decay_scaling_factor, add_agent_id,
-                                     positional_encoding))
+                                     positional_encoding, chunk_steps))
     return JointNets(init=sable.init, init_hidden=sable.init_hidden, act=sable.act, value=sable.value, train=sable.train,
                      recurrent=True)
 

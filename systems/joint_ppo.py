@@ -166,13 +166,17 @@ def make_joint_act(nets: JointNets, spec: EnvSpec) -> Callable:
 
 
 def check_joint_sizes(cfg: Any, prefix: str) -> None:
-    """``embed_dim``, ``n_block``, ``n_head`` and ``decay_scaling_factor`` of a MAT/Sable config."""
+    """``embed_dim``, ``n_block``, ``n_head``, ``decay_scaling_factor`` and ``timestep_chunk_size`` of a
+    MAT/Sable config."""
     for key in ("embed_dim", "n_block", "n_head"):
         positive(f"{prefix}.{key}", getattr(cfg, key))
     require(cfg.embed_dim % cfg.n_head == 0, f"{prefix}.embed_dim", cfg.embed_dim,
             f"must be divisible by system.n_head ({cfg.n_head})")
     decay = getattr(cfg, "decay_scaling_factor", None)
     require(decay is None or 0.0 < decay <= 1.0, f"{prefix}.decay_scaling_factor", decay, "must be in (0, 1]")
+    chunk = getattr(cfg, "timestep_chunk_size", None)
+    require(chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1),
+            f"{prefix}.timestep_chunk_size", chunk, "must be a positive number of env steps, or null for the whole rollout")
 
 
 def check_joint_minibatches(settings: Any, recurrent: bool) -> None:

@@ -81,6 +81,7 @@ class MAGPOConfig(PPOConfig):
     n_head: int = 1
     decay_scaling_factor: float = 0.8  # Sable only
     positional_encoding: bool = True  # Sable only
+    timestep_chunk_size: Optional[int] = 16  # Sable only: env steps per parallel training chunk (null: whole rollout)
     add_agent_id: bool = True  # the guider's agent one-hot (the learner's is network.add_agent_id)
 
     GUIDERS: ClassVar[tuple[str, ...]] = ("sable", "mat")

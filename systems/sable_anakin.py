@@ -7,6 +7,9 @@ episode starts; training re-runs each env's whole rollout in Sable's parallel fo
 the rollout started with, so the envs per device are split into ``num_minibatches``. The encoder's
 per-agent values are the critic. ``network.*`` is not used: the sizes are ``system.*`` keys
 (``embed_dim``, ``n_block``, ``n_head``, ``decay_scaling_factor``, ``positional_encoding``).
+``timestep_chunk_size`` (Mava's key) runs the parallel form over chunks of that many env steps and
+carries the memory between them: the same maths as the whole rollout at once (to float rounding),
+with less work on the decay and score matrices (``benchmarks/results/sable_chunks.md``).
 
     python systems/sable_anakin.py                       # lbf 8x8-2p-2f-coop, 2M steps
     python systems/sable_anakin.py env=coordsum env.task=3x10 system.n_block=2 system.ppo_epochs=15
@@ -15,6 +18,7 @@ per-agent values are the critic. ``network.*`` is not used: the sizes are ``syst
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
@@ -33,6 +37,7 @@ class SableConfig(MATConfig):
     name: str = "sable"
     decay_scaling_factor: float = 0.8  # multiplies every head's decay κ_h (1: Sable's base decays)
     positional_encoding: bool = True  # add the sinusoidal encoding of the env step to q and k
+    timestep_chunk_size: Optional[int] = 16  # env steps per parallel training chunk, memory carried (null: whole rollout)
 
     @property
     def network_kind(self) -> str:
@@ -46,7 +51,7 @@ CONFIG = SableConfig
 def sable_nets(cfg, spec):
     """Sable of the sizes ``cfg`` (a system config with Sable's keys) names."""
     return make_sable(spec, cfg.embed_dim, cfg.n_block, cfg.n_head, cfg.decay_scaling_factor, cfg.add_agent_id,
-                      cfg.positional_encoding)
+                      cfg.positional_encoding, cfg.timestep_chunk_size)
 
 
 def build(settings, spec, vec_env):

@@ -199,7 +199,8 @@ def test_bad_magpo_settings_name_the_key(tmp_results):
     for override, key in (("system.clip_gpo=1.0", "system.clip_gpo"), ("system.alpha=-1", "system.alpha"),
                           ("system.guider=mappo", "system.guider"), ("system.recurrent_chunk_size=16",
                                                                       "system.recurrent_chunk_size"),
-                          ("system.num_minibatches=3", "system.num_minibatches")):
+                          ("system.num_minibatches=3", "system.num_minibatches"),
+                          ("system.timestep_chunk_size=0", "system.timestep_chunk_size")):
         with pytest.raises(ConfigError, match=key):
             settings = small_settings("magpo", MAGPOConfig, [override, "arch.num_devices=2"], tmp_results)
             env, _ = make_envs(settings)
@@ -218,6 +219,19 @@ def test_every_per_task_config_loads():
         assert settings.system.clip_gpo > 1 and settings.system.num_minibatches <= settings.envs_per_device
     ctds = load_settings(compose_config("ctds", []), MAGPOConfig).system
     assert ctds.delta == math.inf and ctds.alpha == 0.0 and ctds.name == "ctds"
+
+
+def test_baseline_coordsum_configs_load():
+    """The CoordSum 3x10 baselines of MAGPO's comparison (magpo.md §4.4): Sable and recurrent MAPPO."""
+    from systems.mappo_anakin import CONFIG as MAPPOConfig
+    from systems.sable_anakin import SableConfig
+
+    sable = load_settings(compose_config("sable", ["+experiment=sable/coordsum-3x10"]), SableConfig)
+    mappo = load_settings(compose_config("mappo", ["+experiment=mappo/coordsum-3x10"]), MAPPOConfig)
+    for settings in (sable, mappo):
+        assert (settings.env.name, settings.env.task, settings.arch.num_envs) == ("coordsum", "3x10", 128)
+    assert (sable.system.ppo_epochs, sable.system.num_minibatches, sable.system.n_block) == (15, 2, 2)
+    assert (mappo.system.ppo_epochs, mappo.system.num_minibatches, mappo.network.kind) == (8, 8, "rnn")
 
 
 @pytest.mark.slow  # 2-core CI budget (about a minute and a half of training)

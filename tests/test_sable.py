@@ -161,6 +161,35 @@ def test_chunked_train_equals_one_shot(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk_steps", [2, 4])
+def test_chunk_steps_equal_one_chunk(kind, chunk_steps):
+    """``chunk_steps`` (the systems' ``timestep_chunk_size``): the scan over chunks that carries the memory
+    gives the one-chunk values, heads, final memory and parameter gradients; 2 divides T = 6 (three
+    chunks, a reset on a chunk's first step), 4 does not (a chunk of 4, then one of 2)."""
+    spec, _, params, train, _ = setup(kind)
+    chunked = jax.jit(make_sable_train_with_memory(spec, **SIZES, chunk_steps=chunk_steps))
+    hidden = warm_memory(kind)
+    reset = np.zeros((T, B), bool)
+    reset[2, 0] = True  # the first step of the second chunk of 2
+    reset[3, 1] = True  # inside a chunk
+    obs, action = observations(spec, reset, seed=10), random_actions(spec, T, seed=11)
+
+    def loss(train_fn, p):
+        value, head, end = train_fn(p, hidden, obs, jnp.asarray(reset), action)
+        return (jnp.mean(value) + jnp.mean(make_distribution(spec, head).log_prob(action))
+                + sum(jnp.mean(m) for m in end)), (value, head, end)
+
+    (want_loss, want), want_grad = jax.value_and_grad(functools.partial(loss, train), has_aux=True)(params)
+    (got_loss, got), got_grad = jax.value_and_grad(functools.partial(loss, chunked), has_aux=True)(params)
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-5)
+    np.testing.assert_allclose(log_prob(spec, got[1], action), log_prob(spec, want[1], action), atol=1e-4)
+    for g, w in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_reset_cuts_the_past(kind):
     spec, _, params, train, _ = setup(kind)
     hidden = warm_memory(kind)

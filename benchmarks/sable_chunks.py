@@ -15,9 +15,7 @@ Writes benchmarks/results/sable_chunks.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,11 +26,10 @@ import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.throughput import settings_for  # noqa: E402
+from benchmarks.throughput import base_meta, settings_for, shown_command, write_tables  # noqa: E402
 from envs.vector import AutoResetVecEnv  # noqa: E402
 from systems.anakin import init_learner_states, make_envs, make_update_chunk, shard_state  # noqa: E402
 from utils.devices import make_mesh  # noqa: E402
-from utils.logging import atomic_write_text  # noqa: E402
 
 
 def chunk_value(text: str) -> str:
@@ -102,14 +99,10 @@ def main() -> None:
                      "steps_per_second": settings.steps_per_chunk / median, "compile_seconds": compile_s,
                      "all_ms": [t * 1000 for t in times[system_name, chunk]]})
     table = markdown(rows)
-    shown = [a for i, a in enumerate(sys.argv[1:]) if not (a == "--out" or sys.argv[i] == "--out")]
-    command = " ".join(["python benchmarks/sable_chunks.py", *shown])
-    meta = {"command": command, "jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "envs": args.envs, "devices": args.devices, "repeats": args.repeats}
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, f"{args.name}.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
-    atomic_write_text(
-        os.path.join(args.out, f"{args.name}.md"),
+    command = shown_command("benchmarks/sable_chunks.py")
+    meta = {**base_meta(command), "envs": args.envs, "devices": args.devices, "repeats": args.repeats}
+    write_tables(
+        args.out, args.name, meta, rows,
         f"# Sable's training in chunks: system.timestep_chunk_size\n\nCommand: `{command}` (jax {jax.__version__}, "
         f"{jax.default_backend()}, {os.cpu_count()} cores, {args.devices} devices, {args.envs} envs). Tuned CoordSum "
         "3x10 settings (`+experiment=<system>/coordsum-3x10`: sable 15 epochs x 2 minibatches, embed 64, 2 blocks; "

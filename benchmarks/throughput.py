@@ -197,6 +197,24 @@ def network_overrides(network: str) -> tuple[str, ...]:
     return ("network=rnn",) + ((f"system.recurrent_chunk_size={chunk}",) if chunk else ())
 
 
+def shown_command(script: str) -> str:
+    """The command line that made a table (``--out`` and its folder left out)."""
+    shown = [a for i, a in enumerate(sys.argv[1:]) if not (a == "--out" or sys.argv[i] == "--out")]
+    return " ".join([f"python {script}", *shown])
+
+
+def base_meta(command: str) -> dict:
+    return {"command": command, "jax": jax.__version__, "backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine()}
+
+
+def write_tables(out: str, name: str, meta: dict, rows: list[dict], text: str) -> None:
+    """``<out>/<name>.json`` (meta and rows) and ``<out>/<name>.md`` (``text``), each written atomically."""
+    os.makedirs(out, exist_ok=True)
+    atomic_write_text(os.path.join(out, f"{name}.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    atomic_write_text(os.path.join(out, f"{name}.md"), text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="128 envs only, 2 repeats")
@@ -247,15 +265,11 @@ def main() -> None:
                     print(markdown([row], args.networks != ["ff"], rows).splitlines()[-1], flush=True)
 
     table = markdown(rows, args.networks != ["ff"])
-    shown = [a for i, a in enumerate(sys.argv[1:]) if not (a == "--out" or sys.argv[i] == "--out")]
-    command = " ".join(["python benchmarks/throughput.py", *shown])
-    meta = {"command": command, "jax": jax.__version__, "backend": jax.default_backend(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "repeats": repeats,
+    command = shown_command("benchmarks/throughput.py")
+    meta = {**base_meta(command), "repeats": repeats,
             "mava_reference": {f"{k[0]}@{k[1]}dev": v for k, v in MAVA_REFERENCE.items()}}
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, f"{args.name}.json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
-    atomic_write_text(
-        os.path.join(args.out, f"{args.name}.md"),
+    write_tables(
+        args.out, args.name, meta, rows,
         f"# Training throughput\n\nCommand: `{command}` (jax {jax.__version__}, {jax.default_backend()}, "
         f"{os.cpu_count()} cores). Joint env steps/s per run, compile excluded, median of {repeats} "
         "repeats. Hyperparameters: Mava's ff_mappo (rollout 128, 4 epochs, 2 minibatches, MLP 128x128; "

@@ -26,10 +26,8 @@ import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.throughput import base_meta, settings_for, shown_command, write_tables  # noqa: E402
-from envs.vector import AutoResetVecEnv  # noqa: E402
-from systems.anakin import init_learner_states, make_envs, make_update_chunk, shard_state  # noqa: E402
-from utils.devices import make_mesh  # noqa: E402
+from benchmarks.throughput import (base_meta, compiled_training, settings_for, shown_command,  # noqa: E402
+                                   write_tables)
 
 
 def chunk_value(text: str) -> str:
@@ -39,18 +37,10 @@ def chunk_value(text: str) -> str:
 
 
 def compiled_case(system_name: str, chunk: str, num_envs: int, devices: int):
-    """(settings, compiled update chunk, initial state, compile seconds) of one case."""
+    """(settings, compiled update chunk, state after one warm-up call, compile seconds) of one case."""
     extra = (f"+experiment={system_name}/coordsum-3x10", f"system.timestep_chunk_size={chunk}")
     settings = settings_for(system_name, "coordsum", "3x10", num_envs, devices, 1, extra)
-    mesh = make_mesh(settings.num_devices)
-    env, _ = make_envs(settings)
-    vec_env = AutoResetVecEnv(env, settings.envs_per_device, settings.arch.num_resets)
-    module = __import__(f"systems.{system_name}_anakin", fromlist=["build"])
-    system = module.build(settings, env.spec, vec_env)
-    state = shard_state(init_learner_states(system, env, settings), mesh, system.env_fields)
-    start = time.perf_counter()
-    compiled = make_update_chunk(system, settings, mesh, state).lower(state).compile()
-    compile_s = time.perf_counter() - start
+    compiled, state, compile_s = compiled_training(settings)
     state = jax.block_until_ready(compiled(state)[0])  # warm-up call (one-off transfers)
     return settings, compiled, state, compile_s
 

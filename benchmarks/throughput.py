@@ -84,7 +84,8 @@ def time_calls(fn, state, repeats: int) -> tuple[list[float], object]:
     return times, state
 
 
-def training_throughput(settings, repeats: int) -> dict:
+def compiled_training(settings) -> tuple:
+    """(compiled update chunk, initial sharded learner state, compile seconds) of ``settings``' system."""
     mesh = make_mesh(settings.num_devices)
     env, _ = make_envs(settings)
     vec_env = AutoResetVecEnv(env, settings.envs_per_device, settings.arch.num_resets)
@@ -93,7 +94,11 @@ def training_throughput(settings, repeats: int) -> dict:
     chunk = make_update_chunk(system, settings, mesh, state)
     start = time.perf_counter()
     compiled = chunk.lower(state).compile()
-    compile_s = time.perf_counter() - start
+    return compiled, state, time.perf_counter() - start
+
+
+def training_throughput(settings, repeats: int) -> dict:
+    compiled, state, compile_s = compiled_training(settings)
     times, _ = time_calls(lambda s: compiled(s)[0], state, repeats + 1)
     median = statistics.median(times[1:])  # the first call pays one-off transfers
     return {"steps_per_second": settings.steps_per_chunk / median, "compile_seconds": compile_s}

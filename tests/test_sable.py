@@ -179,8 +179,8 @@ def test_chunk_steps_equal_one_chunk(kind, chunk_steps):
         return (jnp.mean(value) + jnp.mean(make_distribution(spec, head).log_prob(action))
                 + sum(jnp.mean(m) for m in end)), (value, head, end)
 
-    (want_loss, want), want_grad = jax.value_and_grad(functools.partial(loss, train), has_aux=True)(params)
-    (got_loss, got), got_grad = jax.value_and_grad(functools.partial(loss, chunked), has_aux=True)(params)
+    (_, want), want_grad = jax.value_and_grad(functools.partial(loss, train), has_aux=True)(params)
+    (_, got), got_grad = jax.value_and_grad(functools.partial(loss, chunked), has_aux=True)(params)
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-5)
     np.testing.assert_allclose(log_prob(spec, got[1], action), log_prob(spec, want[1], action), atol=1e-4)
     for g, w in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
